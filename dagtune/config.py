@@ -1,0 +1,435 @@
+"""The one pipeline config: a pydantic v2 schema, validated before anything runs.
+
+Every section is ``extra="forbid"`` and every field documents itself. ``pipeline_config.yaml`` holds
+the real (GPU) settings at its top level and ``profiles:`` overlays; the ``tiny`` profile (the default)
+swaps in project-built tiny models and synthetic data so the whole pipeline runs on a laptop CPU.
+Each node reads only its own section: changing ``evaluate`` never re-trains anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipeline_config.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def F(default: Any = ..., description: str = "", **kw: Any) -> Any:  # noqa: N802 - short on purpose
+    return Field(default, description=description, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# project / runtime
+# ----------------------------------------------------------------------------------------------
+class ProjectConfig(Section):
+    name: str = F("dagtune", "Project name; prefixes MLflow experiment and registered model names.")
+    state_dir: str = F(
+        ".state",
+        "Directory for local state: artifact store, Prefect home, MLflow SQLite file. Relative paths are "
+        "resolved against the config file's directory. Env override: DAGTUNE_STATE_DIR.",
+    )
+    artifact_root: str | None = F(
+        None,
+        "Root of the content-addressed artifact store; default <state_dir>/artifacts. Env override: "
+        "DAGTUNE_ARTIFACT_ROOT.",
+    )
+    seed: int = F(42, "Global seed; nodes derive their own seeds from it unless they set one.", ge=0)
+
+
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = F(
+        "auto", "Where training and evaluation run; auto picks CUDA if present."
+    )
+    backend: Literal["auto", "unsloth", "hf"] = F(
+        "auto",
+        "Training backend: unsloth (+bitsandbytes) where CUDA and the package exist, hf = transformers + "
+        "peft + trl. auto picks unsloth when possible, hf otherwise; the choice is recorded in the manifest.",
+    )
+    max_parallel_training: int = F(
+        1,
+        "How many training nodes may run at once. Keep 1 on a single GPU (they queue); on CPU the tiny "
+        "models are small enough to overlap.",
+        ge=1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare_data
+# ----------------------------------------------------------------------------------------------
+class SourceConfig(Section):
+    kind: Literal["synthetic", "file", "hf"] = F(
+        "synthetic",
+        "synthetic: built-in offline generator; file: a local JSONL/JSON/CSV/Parquet file; hf: datasets.load_dataset.",
+    )
+    path: str | None = F(None, "kind=file: path of the file (relative to the config file's directory).")
+    format: Literal["auto", "mobile_actions", "flat", "eqn_csv", "pairs_csv", "labeled_csv"] = F(
+        "auto",
+        "Record format: mobile_actions (Google Mobile Actions JSONL), flat (HeshamHaroon/Arabic_Function_Calling "
+        "columns + catalog), eqn_csv (line,eqn,type), pairs_csv (question,correct_answer,wrong_answer,error_type), "
+        "labeled_csv (question,solution,label). auto detects it from the columns.",
+    )
+    catalog: str | None = F(
+        None, "format=flat: JSON file with the tool schemas (list of OpenAI-style tools)."
+    )
+    hf_id: str | None = F(
+        None, "kind=hf: dataset id on the Hugging Face hub, or a directory saved with save_to_disk."
+    )
+    hf_config: str | None = F(None, "kind=hf: dataset config name.")
+    hf_split: str = F("train", "kind=hf: split to load.")
+    num_examples: int = F(600, "kind=synthetic: how many examples to generate.", ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> SourceConfig:
+        if self.kind == "file" and not self.path:
+            raise ValueError("kind=file needs 'path'")
+        if self.kind == "hf" and not self.hf_id:
+            raise ValueError("kind=hf needs 'hf_id'")
+        return self
+
+
+class TaskDataConfig(Section):
+    source: SourceConfig = F(default_factory=SourceConfig, description="Where the task's rows come from.")
+    max_length: int = F(512, "Token length above which a rendered example is truncated (and counted).", ge=16)
+
+
+class FunctionCallingDataConfig(TaskDataConfig):
+    distractor_tools: int = F(
+        2,
+        "How many other tools from the catalog each example also gets, so the model learns to choose a tool "
+        "rather than copy the only one.",
+        ge=0,
+    )
+
+
+class PrepareDataConfig(Section):
+    seed: int = F(1234, "Seed for generation, shuffling and splitting.", ge=0)
+    val_fraction: float = F(0.1, "Fraction of rows in the validation split.", gt=0, lt=0.5)
+    test_fraction: float = F(0.1, "Fraction of rows in the test split.", gt=0, lt=0.5)
+    max_bad_fraction: float = F(
+        0.2,
+        "Bad rows are dropped and counted; above this fraction of a source the node stops with an error.",
+        ge=0,
+        le=1,
+    )
+    near_duplicate_threshold: float = F(
+        0.9,
+        "Character-trigram Jaccard similarity at or above which two rows in different splits count as leakage.",
+        gt=0,
+        le=1,
+    )
+    function_calling: FunctionCallingDataConfig = F(
+        default_factory=FunctionCallingDataConfig, description="Arabic function-calling data (FunctionGemma)."
+    )
+    extractor: TaskDataConfig = F(
+        default_factory=TaskDataConfig, description="Equation-extraction lines (Gemma-3)."
+    )
+    classifier: TaskDataConfig = F(
+        default_factory=TaskDataConfig, description="Solution classification (Phi-4-mini)."
+    )
+    tokenizers: dict[str, str] = F(
+        default_factory=dict,
+        description="Model name (hub id, local path or tiny-*) whose tokenizer renders each task; keys: "
+        "function_calling, extractor, classifier. Filled from the training sections when empty.",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+class ModelConfig(Section):
+    name: str = F(
+        ...,
+        "Hub id, local directory, or a project-built tiny model (tiny-functiongemma, tiny-gemma3, tiny-phi3).",
+    )
+    load_in_4bit: bool = F(
+        False, "Load the base in 4-bit NF4 (bitsandbytes; CUDA only, ignored on CPU with a warning)."
+    )
+    max_seq_length: int = F(1024, "Longest sequence trained on.", ge=16)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
+        "auto", "Compute dtype: auto = bf16 on CUDA, fp32 on CPU."
+    )
+
+
+class LoraConfig(Section):
+    r: int = F(16, "LoRA rank.", ge=1)
+    alpha: int = F(32, "LoRA alpha (scale = alpha / r).", ge=1)
+    dropout: float = F(0.0, "LoRA dropout.", ge=0, lt=1)
+    target_modules: list[str] = F(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names LoRA wraps; 'all-linear' as the single entry wraps every linear layer but the head.",
+    )
+
+
+class OptimConfig(Section):
+    learning_rate: float = F(1e-4, "Peak learning rate.", gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = F("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int | None = F(None, "Warmup steps; None uses warmup_ratio.", ge=0)
+    warmup_ratio: float = F(
+        0.0, "Warmup as a fraction of total steps (used when warmup_steps is None).", ge=0, lt=1
+    )
+    max_warmup_fraction: float = F(
+        0.1, "Warmup is capped to this fraction of the total steps so small datasets still train.", ge=0, le=1
+    )
+    epochs: float = F(1.0, "Passes over the training split.", gt=0)
+    max_steps: int | None = F(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
+    batch_size: int = F(8, "Examples per micro-batch.", ge=1)
+    grad_accum: int = F(4, "Micro-batches per optimizer step.", ge=1)
+    weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = F(1.0, "Gradient clipping norm.", gt=0)
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = F(
+        "adamw_torch", "Optimizer; 8-bit variants need bitsandbytes on CUDA."
+    )
+
+
+class TrainCommon(Section):
+    model: ModelConfig = F(..., description="Base model.")
+    lora: LoraConfig = F(default_factory=LoraConfig, description="LoRA adapter.")
+    optim: OptimConfig = F(default_factory=OptimConfig, description="Optimizer and schedule.")
+    gradient_checkpointing: bool = F(
+        True, "Gradient checkpointing ('unsloth' flavour on the unsloth backend)."
+    )
+    packing: bool = F(False, "Padding-free packing of several examples per row (loss masking preserved).")
+    log_every: int = F(10, "Log loss, learning rate, grad norm and tokens/s every N optimizer steps.", ge=1)
+    checkpoint_every: int = F(50, "Save a resumable checkpoint every N optimizer steps.", ge=1)
+    seed: int = F(3407, "Training seed.", ge=0)
+    save_merged: bool = F(True, "Also write the merged 16-bit model (needed for GGUF).")
+
+
+class TrainFunctionCallingConfig(TrainCommon):
+    pass
+
+
+class TrainExtractorConfig(TrainCommon):
+    pass
+
+
+class EarlyStoppingConfig(Section):
+    metric: Literal["macro_f1", "accuracy", "loss"] = F("macro_f1", "Validation metric watched.")
+    patience: int = F(3, "Evaluations without improvement before stopping.", ge=1)
+    eval_every: int = F(50, "Evaluate on validation every N optimizer steps.", ge=1)
+
+
+class TrainClassifierConfig(TrainCommon):
+    num_labels: int = F(2, "Classes: 0 = correct, 1 = flawed.", ge=2)
+    class_weights: list[float] | Literal["balanced"] | None = F(
+        None, "Cross-entropy class weights: a list, 'balanced' (inverse frequency), or None."
+    )
+    early_stopping: EarlyStoppingConfig = F(
+        default_factory=EarlyStoppingConfig, description="Early stopping."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate / convert_gguf / register
+# ----------------------------------------------------------------------------------------------
+class EvaluateConfig(Section):
+    batch_size: int = F(16, "Generation batch size (left padding, greedy).", ge=1)
+    max_new_tokens: int = F(128, "Longest generation.", ge=1)
+    max_examples: int | None = F(
+        None, "Evaluate on at most this many test examples per task (None = all).", ge=1
+    )
+    arabic_normalization: bool = F(
+        True, "Normalize alef/ya/ta-marbuta variants before comparing argument strings."
+    )
+    rel_tol: float = F(1e-5, "Relative tolerance when comparing equation values.", gt=0)
+    compare_base: bool = F(True, "Also evaluate each base model with the same decoding.")
+
+
+class ConvertGgufConfig(Section):
+    outtype: Literal["f16", "bf16", "f32"] = F(
+        "f16", "Type written by convert_hf_to_gguf.py before quantization."
+    )
+    quantizations: list[Literal["q8_0", "q4_k_m", "f16", "bf16"]] = F(
+        default_factory=lambda: ["q8_0"],
+        description="Files to produce. Q4_K_M warns for models under 1B parameters (they lose bracket syntax).",
+    )
+    parity_prompts: int = F(8, "How many evaluation prompts the HF vs llama.cpp parity check uses.", ge=1)
+    min_top1_agreement: float = F(
+        0.98, "Node fails below this next-token top-1 agreement with HF.", ge=0, le=1
+    )
+    max_new_tokens: int = F(32, "Greedy generation length for the generation-agreement check.", ge=1)
+    models: list[Literal["function_calling", "extractor"]] = F(
+        default_factory=lambda: ["function_calling", "extractor"],
+        description="Which generative models to export.",
+    )
+
+
+class PromotionGate(Section):
+    metric: str = F("exact_match", "Metric (from evaluate's metrics.json of that model) the gate compares.")
+    min_delta: float = F(0.0, "The challenger must reach champion + min_delta.")
+    max_group_drop: float = F(
+        0.05, "No per-dialect/per-group value of the metric may drop by more than this."
+    )
+
+
+class RegisteredModel(Section):
+    name: str = F(..., "Registered model name in MLflow.")
+    gate: PromotionGate = F(default_factory=PromotionGate, description="Promotion gate for this model.")
+
+
+class RegisterConfig(Section):
+    tracking_uri: str | None = F(
+        None,
+        "MLflow tracking URI; default sqlite:///<state_dir>/mlflow.db with artifacts under the state dir. "
+        "Env override: MLFLOW_TRACKING_URI.",
+    )
+    experiment: str = F("dagtune", "MLflow experiment name.")
+    auto_promote: bool = F(True, "Move the champion alias when the gate passes.")
+    retries: int = F(4, "Retries with exponential backoff when the tracking server is unreachable.", ge=0)
+    models: dict[Literal["function_calling", "extractor", "classifier"], RegisteredModel] = F(
+        default_factory=lambda: {
+            "function_calling": RegisteredModel(name="dagtune-function-calling"),
+            "extractor": RegisteredModel(name="dagtune-equation-extractor"),
+            "classifier": RegisteredModel(
+                name="dagtune-solution-classifier", gate=PromotionGate(metric="macro_f1")
+            ),
+        },
+        description="Registered model per trained model.",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# root
+# ----------------------------------------------------------------------------------------------
+class PipelineConfig(Section):
+    project: ProjectConfig = F(default_factory=ProjectConfig, description="Project-wide settings.")
+    runtime: RuntimeConfig = F(default_factory=RuntimeConfig, description="Device and backend selection.")
+    prepare_data: PrepareDataConfig = F(
+        default_factory=PrepareDataConfig, description="The prepare_data node."
+    )
+    train_function_calling: TrainFunctionCallingConfig = F(
+        ..., description="The train_function_calling node."
+    )
+    train_extractor: TrainExtractorConfig = F(..., description="The train_extractor node.")
+    train_classifier: TrainClassifierConfig = F(..., description="The train_classifier node.")
+    evaluate: EvaluateConfig = F(default_factory=EvaluateConfig, description="The evaluate node.")
+    convert_gguf: ConvertGgufConfig = F(
+        default_factory=ConvertGgufConfig, description="The convert_gguf node."
+    )
+    register: RegisterConfig = F(default_factory=RegisterConfig, description="The register node.")
+
+    # Filled by load_config, not by the YAML.
+    profile: str = F("", "Name of the profile applied (set by the loader).")
+    config_dir: str = F(
+        "", "Directory of the config file; relative paths resolve against it (set by the loader)."
+    )
+
+    @field_validator("config_dir")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        return str(Path(v).resolve()) if v else v
+
+    # -- resolved paths --------------------------------------------------------------------------
+    def resolve_path(self, p: str) -> Path:
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else Path(self.config_dir or ".").resolve() / path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve_path(os.environ.get("DAGTUNE_STATE_DIR") or self.project.state_dir)
+
+    @property
+    def artifact_root(self) -> Path:
+        env = os.environ.get("DAGTUNE_ARTIFACT_ROOT")
+        if env:
+            return self.resolve_path(env)
+        if self.project.artifact_root:
+            return self.resolve_path(self.project.artifact_root)
+        return self.state_dir / "artifacts"
+
+    @property
+    def tracking_uri(self) -> str:
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        if env:
+            return env
+        if self.register.tracking_uri:
+            return self.register.tracking_uri
+        return f"sqlite:///{self.state_dir / 'mlflow.db'}"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message names the YAML path, the bad value and what is allowed."""
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str, profile: str) -> str:
+    lines = [f"invalid config {source} (profile {profile!r}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        ctx = e.get("ctx") or {}
+        allowed = ""
+        if "expected" in ctx:
+            allowed = f"; allowed: {ctx['expected']}"
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if e["type"] == "missing":
+            lines.append(f"  {path}: required field is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown field (value {shown}); check spelling against the schema")
+        else:
+            lines.append(f"  {path}: {msg} (got {shown}){allowed}")
+    return "\n".join(lines)
+
+
+def read_raw(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], Path]:
+    p = Path(path) if path else DEFAULT_CONFIG
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    return raw, p.resolve()
+
+
+def profile_names(raw: dict[str, Any]) -> list[str]:
+    return sorted((raw.get("profiles") or {}).keys())
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Read the YAML, apply the profile overlay and overrides, validate. Raises ConfigError."""
+    raw, p = read_raw(path)
+    profiles = raw.pop("profiles", None) or {}
+    default_profile = raw.pop("default_profile", None)
+    name = profile or os.environ.get("DAGTUNE_PROFILE") or default_profile or ""
+    if name and name not in profiles:
+        raise ConfigError(f"{p}: profile {name!r} not defined; allowed: {sorted(profiles)}")
+    data = deep_merge(raw, profiles.get(name) or {}) if name else raw
+    if overrides:
+        data = deep_merge(data, overrides)
+    data["profile"] = name
+    data["config_dir"] = str(p.parent)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        where = f"{p}" + (f" + profiles.{name}" if name else "")
+        raise ConfigError(_format_errors(e, where, name)) from None
+
+
+def section(cfg: PipelineConfig, name: str) -> BaseModel:
+    return getattr(cfg, name)

@@ -1,0 +1,190 @@
+"""The DAG: which nodes exist, what each depends on, and how one node runs against the store.
+
+A node is a plain function ``build(ctx) -> metrics`` that writes its files into ``ctx.out``. Its
+content key depends only on the config and the upstream *keys*, so every key of a run is known before
+anything runs (``plan``), which is what ``dagtune status`` and the Prefect task cache use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from dagtune.config import PipelineConfig, RuntimeConfig
+from dagtune.store import Artifact, ArtifactStore, content_key
+
+log = logging.getLogger("dagtune")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live for this run; not part of any key."""
+
+    state_dir: Path
+    artifact_root: Path
+    tracking_uri: str
+    profile: str
+    config_hash: str
+    config_dir: Path
+
+
+@dataclass
+class NodeContext:
+    name: str
+    key: str
+    out: Path  # temp dir: everything written here becomes the artifact
+    scratch: Path  # survives a killed attempt (checkpoints for resume); removed after commit
+    section: BaseModel  # the node's own config section, nothing else
+    runtime: RuntimeConfig
+    seed: int
+    inputs: dict[str, Any]
+    upstream: dict[str, Artifact]
+    store: ArtifactStore
+    settings: Settings
+    log: logging.Logger = field(default_factory=lambda: log)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    version: str  # bump when the node's output changes for the same inputs
+    upstream: tuple[str, ...]
+    module: str  # "dagtune.data.node:build": imported lazily so `status` never loads torch
+    # Extra key inputs the section alone doesn't capture (source file hashes, resolved backend, ...).
+    extra_inputs: str | None = None
+
+    def load(self, attr: str) -> Callable[..., Any]:
+        mod, fn = attr.split(":")
+        return getattr(importlib.import_module(mod), fn)
+
+
+NODES: dict[str, Node] = {
+    n.name: n
+    for n in [
+        Node("prepare_data", "1", (), "dagtune.data.node:build", "dagtune.data.node:key_inputs"),
+    ]
+}
+NODE_ORDER = list(NODES)
+
+
+def settings_for(cfg: PipelineConfig) -> Settings:
+    return Settings(
+        state_dir=cfg.state_dir,
+        artifact_root=cfg.artifact_root,
+        tracking_uri=cfg.tracking_uri,
+        profile=cfg.profile,
+        config_hash=content_key(cfg.model_dump(mode="json", exclude={"config_dir"})),
+        config_dir=Path(cfg.config_dir),
+    )
+
+
+def node_inputs(name: str, cfg: PipelineConfig, upstream_keys: dict[str, str]) -> dict[str, Any]:
+    node = NODES[name]
+    inputs: dict[str, Any] = {
+        "node": name,
+        "version": node.version,
+        "config": getattr(cfg, name).model_dump(mode="json"),
+        "upstream": {u: upstream_keys[u] for u in node.upstream},
+    }
+    if node.extra_inputs:
+        inputs["extra"] = node.load(node.extra_inputs)(cfg)
+    return inputs
+
+
+def plan(cfg: PipelineConfig, nodes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every node's inputs and key, in DAG order, without running anything."""
+    keys: dict[str, str] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for name in NODE_ORDER:
+        inputs = node_inputs(name, cfg, keys)
+        keys[name] = content_key(inputs)
+        out[name] = {"key": keys[name], "inputs": inputs}
+    if nodes is not None:
+        out = {k: v for k, v in out.items() if k in nodes}
+    return out
+
+
+@dataclass
+class NodeResult:
+    name: str
+    status: str  # ran | cached | failed
+    seconds: float
+    key: str
+    artifact: str | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "key": self.key,
+            "artifact": self.artifact,
+        }
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+def run_node(
+    name: str,
+    cfg: PipelineConfig,
+    upstream: dict[str, Artifact],
+    force: bool = False,
+) -> tuple[Artifact, NodeResult]:
+    """Return the node's artifact, computing it only if its manifest is not in the store yet."""
+    t0 = time.time()
+    node = NODES[name]
+    missing = [u for u in node.upstream if u not in upstream]
+    if missing:
+        raise ValueError(f"node {name} needs upstream artifacts {missing}")
+    store = ArtifactStore(cfg.artifact_root)
+    inputs = node_inputs(name, cfg, {u: a.key for u, a in upstream.items()})
+    key = content_key(inputs)
+
+    def build(out: Path, scratch: Path) -> dict[str, Any] | None:
+        log.info("node %s: computing %s", name, key[:12])
+        ctx = NodeContext(
+            name=name,
+            key=key,
+            out=out,
+            scratch=scratch,
+            section=getattr(cfg, name),
+            runtime=cfg.runtime,
+            seed=cfg.project.seed,
+            inputs=inputs,
+            upstream={u: upstream[u] for u in node.upstream},
+            store=store,
+            settings=settings_for(cfg),
+        )
+        return node.load(node.module)(ctx)
+
+    art, ran = store.build_once(name, inputs, build, force=force)
+    return art, NodeResult(name, "ran" if ran else "cached", time.time() - t0, key, art.path)
+
+
+def node_status(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """For `dagtune status`: each node's key, whether its artifact exists, size and age."""
+    from dagtune.store import dir_size
+
+    store = ArtifactStore(cfg.artifact_root)
+    rows = []
+    for name, p in plan(cfg).items():
+        art = store.get(name, p["key"])
+        row: dict[str, Any] = {"name": name, "key": p["key"], "exists": art is not None, "artifact": None}
+        if art:
+            m = art.manifest()
+            row.update(
+                artifact=art.path,
+                size_bytes=dir_size(art.dir),
+                age_seconds=round(time.time() - m["timings"]["finished"], 1),
+            )
+        rows.append(row)
+    return rows
