@@ -1,0 +1,183 @@
+"""The `dagtune` command line.
+
+    dagtune run [--config PATH] [--profile NAME] [--only NODE ...] [--force NODE ...] [--json]
+    dagtune status [--config PATH] [--profile NAME] [--json]
+    dagtune config validate [--config PATH] [--profile NAME]
+
+Exit codes: 0 ok, 1 a node failed, 2 invalid config or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from dagtune.config import ConfigError, PipelineConfig, load_config, profile_names, read_raw
+from dagtune.pipeline import NODE_ORDER
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", default=None, help="pipeline config YAML (default: the packaged pipeline_config.yaml)"
+    )
+    p.add_argument("--profile", default=None, help="profile overlay (default: the YAML's default_profile)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dagtune", description="Orchestrated training pipeline (Prefect + MLflow)."
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (cached nodes are skipped)")
+    _add_config_args(run)
+    run.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="NODE",
+        choices=NODE_ORDER,
+        help="run only these nodes; the others must already be built",
+    )
+    run.add_argument(
+        "--force",
+        nargs="+",
+        default=[],
+        metavar="NODE",
+        choices=NODE_ORDER,
+        help="recompute these nodes even when their artifact exists",
+    )
+    run.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+    st = sub.add_parser("status", help="each node's key and whether its artifact exists")
+    _add_config_args(st)
+    st.add_argument("--json", action="store_true")
+
+    cfg = sub.add_parser("config", help="config commands")
+    csub = cfg.add_subparsers(dest="config_cmd", required=True)
+    val = csub.add_parser(
+        "validate", help="validate the config (and every profile when --profile is not given)"
+    )
+    _add_config_args(val)
+    return ap
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, args.profile)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    if args.profile:
+        names = [args.profile]
+    else:
+        raw, _ = read_raw(args.config)
+        names = profile_names(raw) or [None]
+    for name in names:
+        cfg = load_config(args.config, name)
+        print(f"ok: profile {cfg.profile or '<base>'!r}: {len(NODE_ORDER)} nodes, state dir {cfg.state_dir}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dagtune.pipeline import node_status
+
+    cfg = _load(args)
+    rows = node_status(cfg)
+    if args.json:
+        print(json.dumps({"profile": cfg.profile, "artifact_root": str(cfg.artifact_root), "nodes": rows}))
+        return 0
+    print(f"profile {cfg.profile!r}, artifacts in {cfg.artifact_root}")
+    for r in rows:
+        if r["exists"]:
+            extra = f"{r['size_bytes'] / 1e6:9.2f} MB  {r['age_seconds'] / 3600:7.2f} h old"
+        else:
+            extra = "not built"
+        print(f"  {r['name']:<24} {r['key'][:12]}  {extra}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dagtune.runner import prepare_environment, summarize
+
+    cfg = _load(args)
+    prepare_environment(cfg)
+    t0 = time.time()
+    # --json: everything but the final object goes to stderr, so stdout parses as one JSON document.
+    redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    error: str | None = None
+    rows: list[dict[str, Any]] = []
+    flow_run_id = None
+    with redirect:
+        from flows.pipeline import dagtune_pipeline
+
+        state = dagtune_pipeline(
+            config_path=args.config,
+            profile=cfg.profile or None,
+            only=args.only,
+            force=args.force,
+            return_state=True,
+        )
+        flow_run_id = str(state.state_details.flow_run_id)
+        try:
+            results = state.result()
+            rows = summarize(results, flow_run_id)
+        except Exception as e:  # a failed node: report which one, and what finished before it
+            error = f"{type(e).__name__}: {e}"
+            rows = _partial_rows(cfg, flow_run_id)
+    out = {
+        "ok": error is None,
+        "profile": cfg.profile,
+        "flow_run_id": flow_run_id,
+        "seconds": round(time.time() - t0, 3),
+        "nodes": rows,
+    }
+    if error:
+        out["error"] = error
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for r in rows:
+            print(f"  {r['name']:<24} {r['status']:<7} {r['seconds']:8.1f}s  {r['key'][:12]}")
+        print(("FAILED: " + error) if error else f"done in {out['seconds']:.1f}s")
+    return 0 if error is None else 1
+
+
+def _partial_rows(cfg: PipelineConfig, flow_run_id: str) -> list[dict[str, Any]]:
+    """After a failure: every node with its key; those with an artifact made by this run are `ran`,
+    other existing ones `cached`, the rest `failed` (the failing node and what it blocked)."""
+    from dagtune.pipeline import node_status
+
+    rows = []
+    for r in node_status(cfg):
+        status = "failed"
+        if r["exists"]:
+            status = "cached"
+        rows.append(
+            {"name": r["name"], "status": status, "seconds": 0.0, "key": r["key"], "artifact": r["artifact"]}
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "config":
+            return cmd_validate(args)
+        if args.cmd == "status":
+            return cmd_status(args)
+        return cmd_run(args)
+    except ConfigError as e:
+        print(f"dagtune: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What the Prefect tasks call, kept free of Prefect so it is testable and reusable.
+
+``execute_node`` applies ``--only`` / ``--force`` and runs one node through the artifact store;
+``cache_record_key`` gives Prefect's task cache the same content key; ``prepare_environment`` points
+Prefect (home, local result storage) at the project's state directory before Prefect is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from dagtune.config import PipelineConfig
+from dagtune.pipeline import NODE_ORDER, NODES, node_inputs, run_node
+from dagtune.store import PREFECT_RECORD, Artifact, ArtifactStore, content_key
+
+log = logging.getLogger("dagtune")
+
+
+class UpstreamMissing(RuntimeError):
+    """--only skipped a node whose artifact does not exist yet."""
+
+
+def _artifacts(upstream: dict[str, dict]) -> dict[str, Artifact]:
+    return {k: Artifact(v["node"], v["key"], v["path"]) for k, v in upstream.items()}
+
+
+def node_key(name: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> str:
+    return content_key(node_inputs(name, cfg, {k: v["key"] for k, v in upstream.items()}))
+
+
+def cache_record_key(
+    name: str, cfg: PipelineConfig, upstream: dict[str, dict], force: list[str]
+) -> str | None:
+    """Prefect cache key: a path inside the artifact dir; None (no cache) when the node is forced."""
+    if name in (force or []):
+        return None
+    return f"{name}/{node_key(name, cfg, upstream)}/{PREFECT_RECORD}"
+
+
+def execute_node(
+    name: str,
+    cfg: PipelineConfig,
+    upstream: dict[str, dict],
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run (or reuse) one node; returns a JSON-able result with the artifact reference."""
+    if only and name not in only:
+        key = node_key(name, cfg, upstream)
+        art = ArtifactStore(cfg.artifact_root).get(name, key)
+        if art is None:
+            raise UpstreamMissing(
+                f"node {name} is not selected by --only and has no artifact for key {key[:12]}; "
+                f"run it first or add it to --only"
+            )
+        result = {"name": name, "status": "cached", "seconds": 0.0, "key": key, "artifact": art.path}
+    else:
+        art, res = run_node(name, cfg, _artifacts(upstream), force=name in (force or []))
+        result = res.to_dict()
+    log.info("node %s: %s in %.1fs (%s)", name, result["status"], result["seconds"], result["key"][:12])
+    return {**result, "node": name, "path": art.path, "flow_run_id": flow_run_id}
+
+
+def summarize(results: list[dict[str, Any]], flow_run_id: str | None) -> list[dict[str, Any]]:
+    """Per-node rows for `dagtune run --json`. A result recorded by another flow run came from
+    Prefect's task cache without the task running: it is `cached`."""
+    rows = []
+    for r in results:
+        status = r["status"]
+        seconds = r["seconds"]
+        if flow_run_id and r.get("flow_run_id") and r["flow_run_id"] != flow_run_id:
+            status, seconds = "cached", 0.0
+        rows.append(
+            {
+                "name": r["name"],
+                "status": status,
+                "seconds": seconds,
+                "key": r["key"],
+                "artifact": r["artifact"],
+            }
+        )
+    return rows
+
+
+def prepare_environment(cfg: PipelineConfig) -> None:
+    """Point Prefect at the project's state dir (embedded default: ephemeral local server, SQLite under
+    <state_dir>/prefect) and its local result storage at the artifact root. Must run before Prefect is
+    imported; an explicit PREFECT_API_URL / PREFECT_HOME in the environment wins."""
+    state = cfg.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    cfg.artifact_root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(cfg.artifact_root)
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def selected_nodes(only: list[str] | None) -> list[str]:
+    unknown = [n for n in only or [] if n not in NODES]
+    if unknown:
+        raise ValueError(f"unknown node(s) {unknown}; nodes: {NODE_ORDER}")
+    return list(only or NODE_ORDER)

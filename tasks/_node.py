@@ -1,0 +1,35 @@
+"""One factory for every node task: the Prefect side of ``dagtune.runner.execute_node``.
+
+Prefect's task cache uses the node's content key. The cache record is written *inside* the artifact
+directory (``<store>/<node>/<key>/prefect-result``; the runner points Prefect's local result storage at
+the artifact root), so deleting an artifact also invalidates Prefect's cache entry, and a cached task
+shows as "Cached" in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from dagtune.runner import cache_record_key, execute_node
+
+
+def node_task(name: str):
+    def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+        return cache_record_key(name, parameters["cfg"], parameters["upstream"], parameters["force"])
+
+    @task(
+        name=name,
+        task_run_name=name,
+        cache_key_fn=cache_key,
+        persist_result=True,
+        result_serializer="json",
+    )
+    def run(cfg, upstream: dict[str, dict], only: list[str], force: list[str]) -> dict:
+        from prefect.runtime import flow_run
+
+        return execute_node(name, cfg, upstream, only=only, force=force, flow_run_id=str(flow_run.id))
+
+    return run

@@ -1,0 +1,151 @@
+"""The real Prefect flow through the CLI (Prefect's local ephemeral server, real artifact store):
+first run builds, second run is all cached and writes nothing, a changed section re-runs that node
+and its downstream only, a SIGKILL mid-write leaves no manifest, and two runs started together
+compute each key once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dagtune.config import DEFAULT_CONFIG
+from dagtune.pipeline import NODE_ORDER
+from tests.test_pipeline_plan import TWEAKS, descendants
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(state: Path, prefect_home: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "DAGTUNE_STATE_DIR": str(state), "PYTHONUNBUFFERED": "1"}
+    env.pop("DAGTUNE_ARTIFACT_ROOT", None)
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(prefect_home or state / "prefect")
+    return env
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dagtune.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _run_json(state: Path, *extra: str, prefect_home: Path | None = None) -> dict:
+    r = _cli("run", "--json", *extra, env=_env(state, prefect_home))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout)  # exactly one JSON object on stdout
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    state = tmp_path_factory.mktemp("flow") / "state"
+    first = _run_json(state)
+    return state, first
+
+
+def test_first_run_builds_every_node(built):
+    state, first = built
+    assert first["ok"] and [n["name"] for n in first["nodes"]] == NODE_ORDER
+    for n in first["nodes"]:
+        assert n["status"] == "ran", n
+        assert Path(n["artifact"], "manifest.json").is_file()
+        assert set(n) == {"name", "status", "seconds", "key", "artifact"}
+
+
+def test_second_run_is_cached_and_writes_nothing(built):
+    state, first = built
+    before = _snapshot(state / "artifacts")
+    second = _run_json(state)
+    assert [n["status"] for n in second["nodes"]] == ["cached"] * len(NODE_ORDER)
+    assert [n["key"] for n in second["nodes"]] == [n["key"] for n in first["nodes"]]
+    assert _snapshot(state / "artifacts") == before
+
+
+def test_status_reports_every_node_built(built):
+    state, _ = built
+    r = _cli("status", "--json", env=_env(state))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["nodes"]
+    assert all(row["exists"] and row["size_bytes"] > 0 for row in rows)
+
+
+def test_changed_section_reruns_node_and_downstream_only(built, tmp_path):
+    state, first = built
+    node = NODE_ORDER[-1] if len(NODE_ORDER) > 1 else NODE_ORDER[0]
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["profiles"]["tiny"].setdefault(node, {}).update(TWEAKS[node])
+    cfg_path = ROOT / f".test-config-{os.getpid()}.yaml"  # beside the original: relative paths still resolve
+    cfg_path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    try:
+        out = _run_json(state, "--config", str(cfg_path))
+    finally:
+        cfg_path.unlink()
+    ran = {n["name"] for n in out["nodes"] if n["status"] == "ran"}
+    assert ran == descendants(node)
+
+
+def test_force_recomputes_one_node(built):
+    state, _ = built
+    out = _run_json(state, "--force", NODE_ORDER[0], "--only", NODE_ORDER[0])
+    assert [(n["name"], n["status"]) for n in out["nodes"]][0] == (NODE_ORDER[0], "ran")
+
+
+def test_sigkill_mid_write_then_rerun(tmp_path):
+    state = tmp_path / "state"
+    env = _env(state)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagtune.cli", "run", "--json"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    tmp_dir = state / "artifacts" / ".tmp"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_dir.is_dir() and any(tmp_dir.glob(f"{NODE_ORDER[0]}-*"))):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((state / "artifacts").glob("*/*/manifest.json")), "a killed run left a manifest"
+    out = _run_json(state)
+    assert out["ok"] and out["nodes"][0]["status"] == "ran"
+
+
+def test_two_runs_started_together_compute_each_key_once(tmp_path):
+    state = tmp_path / "state"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dagtune.cli", "run", "--json"],
+            cwd=ROOT,
+            env=_env(state, tmp_path / f"prefect{i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    computed = sum(err.count("computing") for _, err in outs)
+    assert computed == len(NODE_ORDER)
+    statuses = [json.loads(o)["nodes"] for o, _ in outs]
+    for i, name in enumerate(NODE_ORDER):
+        assert sorted(s[i]["status"] for s in statuses) == ["cached", "ran"], name
