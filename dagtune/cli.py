@@ -3,6 +3,7 @@
     dagtune run [--config PATH] [--profile NAME] [--only NODE ...] [--force NODE ...] [--json]
     dagtune status [--config PATH] [--profile NAME] [--json]
     dagtune config validate [--config PATH] [--profile NAME]
+    dagtune promote MODEL (--version N | --rollback) [--reason TEXT] [--config PATH] [--profile NAME]
 
 Exit codes: 0 ok, 1 a node failed, 2 invalid config or usage.
 """
@@ -64,6 +65,20 @@ def _parser() -> argparse.ArgumentParser:
         "validate", help="validate the config (and every profile when --profile is not given)"
     )
     _add_config_args(val)
+
+    pr = sub.add_parser(
+        "promote",
+        help="move a registered model's champion alias by hand (records who and why; no gate)",
+    )
+    _add_config_args(pr)
+    pr.add_argument(
+        "model", help="registered model name, or its config key (function_calling | extractor | classifier)"
+    )
+    which = pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="version to make champion")
+    which.add_argument("--rollback", action="store_true", help="champion back to the previous champion")
+    pr.add_argument("--reason", default="", help="why (recorded as a tag with the user name)")
+    pr.add_argument("--json", action="store_true", help="print the recorded event as JSON")
     return ap
 
 
@@ -163,6 +178,37 @@ def _partial_rows(cfg: PipelineConfig, flow_run_id: str) -> list[dict[str, Any]]
     return rows
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+
+    from dagtune.registry import registry as reg
+    from dagtune.registry.node import resolve_model_name, tracker_for
+    from dagtune.registry.tracking import RegistryUnavailable
+
+    cfg = _load(args)
+    name, _ = resolve_model_name(cfg, args.model)
+    who = os.environ.get("USER") or getpass.getuser()
+    try:
+        tracker = tracker_for(cfg)
+        if args.rollback:
+            event = reg.rollback(tracker, name, who, args.reason or "manual rollback")
+        else:
+            event = reg.promote(tracker, name, args.version, who, args.reason or "manual promotion")
+    except (reg.RegistryError, RegistryUnavailable) as e:
+        print(f"dagtune promote: {e}", file=sys.stderr)
+        return 1
+    event = {"model": name, **event}
+    if args.json:
+        print(json.dumps(event))
+    else:
+        print(
+            f"{name}@champion -> v{event['version']} (was v{event['previous']}), "
+            f"{event['action']} by {who}: {event['why']}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
@@ -173,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args)
         if args.cmd == "status":
             return cmd_status(args)
+        if args.cmd == "promote":
+            return cmd_promote(args)
         return cmd_run(args)
     except ConfigError as e:
         print(f"dagtune: {e}", file=sys.stderr)

@@ -1,0 +1,247 @@
+"""Glue for the ``register`` node: pipeline artifacts -> MLflow runs and registered versions.
+
+Kept thin on purpose: it only knows the artifact layouts (``adapter/``, ``merged/``,
+``train_log.jsonl``, ``<model>/<model>.<quant>.gguf``, ``metrics.json``) and calls the library.
+
+Idempotent: each model's digest (sha256 over the files that make the version) is looked up before
+anything is logged, so a rerun logs no model twice and registers no version twice; it does open a new
+parent run (one MLflow run per pipeline run) with child runs holding each node's params, metrics and
+reports. A server that stops mid-way raises RegistryUnavailable; the artifacts stay in the store and
+the rerun picks up where registration stopped (including the gate of a version already created).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dagtune.registry import models as mdl
+from dagtune.registry import registry as reg
+from dagtune.registry.tracking import (
+    TAG_ARTIFACT_KEY,
+    RetryPolicy,
+    Tracker,
+    child_run,
+    connect,
+    parent_run,
+    pipeline_tags,
+    read_jsonl,
+)
+from dagtune.store import Artifact
+
+log = logging.getLogger("dagtune.registry")
+
+# registered-model key -> (training node, task key in evaluate's metrics.json)
+TRAIN_NODE = {
+    "function_calling": "train_function_calling",
+    "extractor": "train_extractor",
+    "classifier": "train_classifier",
+}
+GENERATIVE = ("function_calling", "extractor")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the orchestrator knows about this pipeline run (dagtune never imports Prefect)."""
+
+    config_hash: str
+    profile: str
+    flow_run_id: str | None = None
+    flow_run_url: str | None = None
+    repo_dir: Path | None = None
+
+
+def tracker_for(cfg: Any) -> Tracker:
+    r = cfg.register
+    return connect(cfg.tracking_uri, RetryPolicy(r.retries, r.backoff_seconds), cfg.state_dir)
+
+
+def resolve_model_name(cfg: Any, model: str) -> tuple[str, Any | None]:
+    """A CLI argument -> (registered name, its RegisteredModel config or None). Accepts the config
+    key (function_calling | extractor | classifier) or the registered name itself."""
+    models = cfg.register.models
+    if model in models:
+        return models[model].name, models[model]
+    for rm in models.values():
+        if rm.name == model:
+            return rm.name, rm
+    return model, None
+
+
+def _file_sha(manifest: Mapping[str, Any], rel: str) -> str | None:
+    return next((f["sha256"] for f in manifest.get("files", []) if f["path"] == rel), None)
+
+
+def _gguf_file(gguf: Artifact | None, model: str, quant: str) -> Path | None:
+    if gguf is None:
+        return None
+    p = gguf.dir / model / f"{model}.{quant}.gguf"
+    return p if p.is_file() else None
+
+
+def _eval_block(evaluate: Artifact | None, model: str) -> dict[str, Any] | None:
+    if evaluate is None or not (evaluate.dir / "metrics.json").is_file():
+        return None
+    block = json.loads((evaluate.dir / "metrics.json").read_text()).get(model) or {}
+    return block.get("fine_tuned")
+
+
+def _components(model: str, cfg: Any, arts: Mapping[str, Artifact]) -> dict[str, dict[str, Any]]:
+    """What this model's version is made of: {role: {node, key, sha256, path}}; sha256 is the
+    digest of the role's files (a single file's own sha256 for the GGUF)."""
+    train = arts[TRAIN_NODE[model]]
+    tm = train.manifest()
+    parts: dict[str, dict[str, Any]] = {}
+    if model == "classifier":
+        parts["classifier"] = {"node": train.node, "key": train.key, "sha256": reg.manifest_digest(tm)}
+        parts["classifier"]["path"] = str(train.dir)
+        return parts
+    for role in ("adapter", "merged"):
+        if (train.dir / role).is_dir():
+            parts[role] = {
+                "node": train.node,
+                "key": train.key,
+                "sha256": reg.manifest_digest(tm, f"{role}/"),
+                "path": str(train.dir / role),
+            }
+    quant = cfg.register.gguf_quantization
+    gguf_path = _gguf_file(arts.get("convert_gguf"), model, quant)
+    if gguf_path is not None:
+        gm = arts["convert_gguf"].manifest()
+        rel = gguf_path.relative_to(arts["convert_gguf"].dir).as_posix()
+        parts[f"gguf_{quant}"] = {
+            "node": "convert_gguf",
+            "key": arts["convert_gguf"].key,
+            "sha256": _file_sha(gm, rel) or "",
+            "path": str(gguf_path),
+        }
+    return parts
+
+
+def _log_version_model(
+    model: str, cfg: Any, run_id: str, parts: Mapping[str, Mapping[str, Any]], meta: dict[str, Any]
+) -> tuple[Any, dict[str, str]]:
+    """Log what the version serves; returns (ModelInfo of the registered model, extra tags)."""
+    extra: dict[str, str] = {}
+    if model == "classifier":
+        threshold = float((meta.get("eval") or {}).get("threshold", 0.5))
+        info = mdl.log_classifier_model(
+            run_id,
+            parts["classifier"]["path"],
+            loader=cfg.register.classifier_loader,
+            threshold=threshold,
+            metadata={"digest": meta["digest"]},
+        )
+        return info, extra
+    gguf_role = next((r for r in parts if r.startswith("gguf_")), None)
+    merged = parts.get("merged")
+    if merged is not None and (cfg.register.log_merged_model or gguf_role is None):
+        merged_info = mdl.log_merged_model(run_id, merged["path"], metadata={"digest": meta["digest"]})
+        extra["dagtune.merged_model_uri"] = merged_info.model_uri
+        if gguf_role is None:  # no GGUF for this model: the merged model is what the version serves
+            return merged_info, extra
+    if gguf_role is None:
+        raise reg.RegistryError(f"{model}: neither a GGUF file nor a merged model to register")
+    extras = {"adapter": parts["adapter"]["path"]} if "adapter" in parts else {}
+    info = mdl.log_gguf_model(
+        run_id,
+        parts[gguf_role]["path"],
+        extra_artifacts=extras,
+        max_tokens=int(getattr(cfg.evaluate, "max_new_tokens", 256)),
+        metadata={"digest": meta["digest"]},
+    )
+    return info, extra
+
+
+def register_model(
+    tracker: Tracker,
+    cfg: Any,
+    model: str,
+    arts: Mapping[str, Artifact],
+    node_runs: Mapping[str, str],
+    run: RunInfo,
+) -> dict[str, Any]:
+    rm = cfg.register.models[model]
+    parts = _components(model, cfg, arts)
+    digest = reg.combined_digest({role: p["sha256"] for role, p in parts.items()})
+    eval_metrics = _eval_block(arts.get("evaluate"), model)
+    existing = reg.find_version_by_digest(tracker, rm.name, digest)
+    if existing is None:
+        train = arts[TRAIN_NODE[model]]
+        tm = train.manifest()
+        run_id = node_runs[train.node]
+        info, extra = _log_version_model(model, cfg, run_id, parts, {"digest": digest, "eval": eval_metrics})
+        data = arts.get("prepare_data")
+        tags = reg.version_tags(
+            artifacts={r: {k: v for k, v in p.items() if k != "path"} for r, p in parts.items()},
+            dataset_digest=reg.manifest_digest(data.manifest()) if data else None,
+            eval_metrics=eval_metrics,
+            train_seconds=tm.get("metrics", {}).get("train_seconds", tm.get("timings", {}).get("seconds")),
+            flow_run_id=run.flow_run_id,
+            flow_run_url=run.flow_run_url,
+            extra=extra,
+        )
+        mv, created = reg.register_version(
+            tracker, rm.name, info.model_uri, digest, tags, run_id=run_id, model_id=info.model_id
+        )
+    else:
+        mv, created = existing, False
+    passed, reasons = reg.gate_and_alias(
+        tracker, rm.name, mv, rm.gate, auto_promote=cfg.register.auto_promote
+    )
+    champion = reg.alias_version(tracker, rm.name, reg.CHAMPION)
+    return {
+        "name": rm.name,
+        "version": str(mv.version),
+        "created": created,
+        "digest": digest,
+        "gate_passed": passed,
+        "gate_reasons": reasons,
+        "champion": str(champion.version) if champion is not None else None,
+    }
+
+
+def register_pipeline(
+    cfg: Any,
+    arts: Mapping[str, Artifact],
+    run: RunInfo,
+    tracker: Tracker | None = None,
+) -> dict[str, Any]:
+    """Track the pipeline run and register every model whose training artifact is present.
+
+    ``arts`` maps node name -> Artifact (prepare_data, train_*, evaluate, convert_gguf; missing ones
+    are skipped). Returns ``{"parent_run_id", "models": {model: {...}}}``."""
+    tracker = tracker or tracker_for(cfg)
+    tags = pipeline_tags(
+        flow_run_id=run.flow_run_id,
+        flow_run_url=run.flow_run_url,
+        config_hash=run.config_hash,
+        profile=run.profile,
+        repo_dir=run.repo_dir,
+    )
+    out: dict[str, Any] = {"models": {}}
+    name = f"pipeline-{(run.flow_run_id or run.config_hash)[:12]}"
+    with parent_run(tracker, cfg.register.experiment, run_name=name, tags=tags) as parent_id:
+        out["parent_run_id"] = parent_id
+        node_runs: dict[str, str] = {}
+        for node, art in arts.items():
+            manifest = art.manifest()
+            section = getattr(cfg, node, None)
+            node_runs[node] = child_run(
+                tracker,
+                parent_id,
+                node,
+                params=section.model_dump(mode="json") if section is not None else {},
+                metrics=manifest.get("metrics", {}),
+                artifacts_dir=art.dir,
+                step_metrics=read_jsonl(art.dir / "train_log.jsonl"),
+                tags={TAG_ARTIFACT_KEY: art.key},
+            )
+        for model in cfg.register.models:
+            if TRAIN_NODE[model] in arts:
+                out["models"][model] = register_model(tracker, cfg, model, arts, node_runs, run)
+    return out

@@ -1,0 +1,448 @@
+"""Model registry: idempotent versions, challenger/champion aliases, the promotion gate, rollback.
+
+* A version is keyed by a digest of what it contains (sha256 over the registered artifacts' file
+  hashes), stored as the version tag ``dagtune.digest``. ``register_version`` looks it up first
+  (``search_model_versions`` with a tag filter) and returns the existing version instead of adding
+  one, so rerunning the pipeline never duplicates a version.
+* A new version gets the ``challenger`` alias; the gate (config ``register.models.<m>.gate``)
+  decides whether ``champion`` moves to it when automatic promotion is on. The gate's outcome is
+  written to the version last (``dagtune.gate_passed``): a run interrupted before that point re-gates
+  on the rerun instead of leaving a version half-handled.
+* ``promote`` / ``rollback`` move ``champion`` and record who, why and when on the version and in
+  the registered model's ``dagtune.champion_history`` tag (a stack: rollback pops it).
+* Versions are never deleted: nothing in this package calls a delete on a model version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dagtune.registry.tracking import Tracker, numeric_leaves, safe_key
+
+log = logging.getLogger("dagtune.registry")
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG_DIGEST = "dagtune.digest"
+TAG_ARTIFACTS = "dagtune.artifacts"  # JSON {role: {node, key, sha256}}
+TAG_DATASET_DIGEST = "dagtune.dataset_digest"
+TAG_EVAL = "dagtune.eval_metrics"  # JSON of the model's metrics.json block (what the gate reads)
+TAG_TRAIN_SECONDS = "dagtune.train_seconds"
+TAG_GATE_PASSED = "dagtune.gate_passed"
+TAG_GATE_REASONS = "dagtune.gate_reasons"
+TAG_HISTORY = "dagtune.champion_history"  # registered-model tag: JSON list of events (a stack)
+HISTORY_LIMIT = 200
+REASON_CHARS = 500
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (unknown version, nothing to roll back to)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# digests and tags
+# ----------------------------------------------------------------------------------------------
+def manifest_digest(manifest: Mapping[str, Any], prefix: str = "") -> str:
+    """sha256 over (path, sha256) of a manifest's files, optionally only those under ``prefix``:
+    identical bytes give the same digest whatever key or run produced them."""
+    files = sorted(
+        (f["path"], f["sha256"]) for f in manifest.get("files", []) if f["path"].startswith(prefix)
+    )
+    return hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
+
+
+def combined_digest(parts: Mapping[str, str]) -> str:
+    """One digest for a version made of several artifacts: {role: digest} -> sha256."""
+    return hashlib.sha256(json.dumps(dict(sorted(parts.items())), separators=(",", ":")).encode()).hexdigest()
+
+
+def version_tags(
+    *,
+    artifacts: Mapping[str, Mapping[str, Any]],
+    dataset_digest: str | None = None,
+    eval_metrics: Mapping[str, Any] | None = None,
+    train_seconds: float | None = None,
+    flow_run_id: str | None = None,
+    flow_run_url: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The tags every version carries: artifact keys and sha256 (per role and as JSON), dataset
+    digest, evaluation metrics (JSON for the gate + one tag per number for the UI), training time
+    and the Prefect run that registered it."""
+    from dagtune.registry.tracking import TAG_FLOW_RUN_ID, TAG_FLOW_RUN_URL
+
+    tags: dict[str, str] = {TAG_ARTIFACTS: json.dumps(artifacts, sort_keys=True, default=str)}
+    for role, info in artifacts.items():
+        for field in ("key", "sha256"):
+            if info.get(field):
+                tags[safe_key(f"dagtune.artifact.{role}.{field}")] = str(info[field])
+    if dataset_digest:
+        tags[TAG_DATASET_DIGEST] = dataset_digest
+    if eval_metrics is not None:
+        tags[TAG_EVAL] = json.dumps(eval_metrics, sort_keys=True, default=str)
+        for k, v in numeric_leaves(eval_metrics).items():
+            if k.count(".") <= 3:  # headline and per-group numbers; skip deeper detail
+                tags[safe_key(f"eval.{k}")] = f"{v:.6g}"
+    if train_seconds is not None:
+        tags[TAG_TRAIN_SECONDS] = f"{float(train_seconds):.1f}"
+    if flow_run_id:
+        tags[TAG_FLOW_RUN_ID] = flow_run_id
+    if flow_run_url:
+        tags[TAG_FLOW_RUN_URL] = flow_run_url
+    for k, v in (extra or {}).items():
+        tags[safe_key(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
+    return tags
+
+
+# ----------------------------------------------------------------------------------------------
+# versions
+# ----------------------------------------------------------------------------------------------
+def _already_exists(e: Exception) -> bool:
+    return getattr(e, "error_code", "") in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS")
+
+
+def _not_found(e: Exception) -> bool:
+    return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def ensure_registered_model(tracker: Tracker, name: str, description: str | None = None) -> None:
+    def create() -> None:
+        try:
+            tracker.client.create_registered_model(name, description=description)
+        except Exception as e:
+            if not _already_exists(e):
+                raise
+
+    tracker.call(f"create registered model {name!r}", create)
+
+
+def find_version_by_digest(tracker: Tracker, name: str, digest: str) -> Any | None:
+    """The (oldest) version of ``name`` whose digest tag equals ``digest``, or None."""
+    flt = f"name = '{_quote(name)}' AND tag.`{TAG_DIGEST}` = '{_quote(digest)}'"
+    found = tracker.call(f"search versions of {name!r}", tracker.client.search_model_versions, flt)
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _quote(s: str) -> str:
+    return s.replace("'", "\\'")
+
+
+def register_version(
+    tracker: Tracker,
+    name: str,
+    model_uri: str,
+    digest: str,
+    tags: Mapping[str, str],
+    *,
+    run_id: str | None = None,
+    model_id: str | None = None,
+    description: str | None = None,
+) -> tuple[Any, bool]:
+    """Create a version of ``name`` for ``model_uri`` unless one with ``digest`` exists already:
+    returns (ModelVersion, created). The digest and all tags are set in the creating call itself,
+    so a version never exists without its digest."""
+    ensure_registered_model(tracker, name)
+    existing = find_version_by_digest(tracker, name, digest)
+    if existing is not None:
+        log.info("registry: %s already has version %s for digest %s", name, existing.version, digest[:12])
+        return existing, False
+    mv = tracker.call(
+        f"create version of {name!r}",
+        tracker.client.create_model_version,
+        name=name,
+        source=model_uri,
+        run_id=run_id,
+        tags={**tags, TAG_DIGEST: digest},
+        description=description,
+        model_id=model_id,
+    )
+    log.info("registry: %s version %s created (digest %s)", name, mv.version, digest[:12])
+    return mv, True
+
+
+def alias_version(tracker: Tracker, name: str, alias: str) -> Any | None:
+    """The version an alias points at, or None. (Its ``.version`` is an int here but a str from
+    other calls in MLflow 3: compare with str().)"""
+
+    def get() -> Any | None:
+        try:
+            return tracker.client.get_model_version_by_alias(name, alias)
+        except Exception as e:
+            if _not_found(e):
+                return None
+            raise
+
+    return tracker.call(f"get {name}@{alias}", get)
+
+
+def set_challenger(tracker: Tracker, name: str, version: str | int) -> None:
+    tracker.call(
+        f"set {name}@{CHALLENGER}",
+        tracker.client.set_registered_model_alias,
+        name,
+        CHALLENGER,
+        str(version),
+    )
+
+
+def eval_metrics_of(version: Any) -> dict[str, Any] | None:
+    raw = (version.tags or {}).get(TAG_EVAL)
+    return json.loads(raw) if raw else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the gate
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gate:
+    """Mirror of config.PromotionGate, so this module can be used without the pipeline config."""
+
+    metric: str = "exact_match"
+    min_delta: float = 0.0
+    max_group_drop: float = 0.05
+    group_keys: tuple[str, ...] | None = None
+    min_group_size: int = 0
+
+    @classmethod
+    def of(cls, gate: Any) -> Gate:
+        if isinstance(gate, Gate):
+            return gate
+        keys = getattr(gate, "group_keys", None)
+        return cls(
+            metric=gate.metric,
+            min_delta=float(gate.min_delta),
+            max_group_drop=float(gate.max_group_drop),
+            group_keys=tuple(keys) if keys is not None else None,
+            min_group_size=int(getattr(gate, "min_group_size", 0) or 0),
+        )
+
+
+_EPS = 1e-12  # 0.7 + 0.05 must not fail 0.75 on float rounding
+
+
+def _lookup(metrics: Mapping[str, Any], metric: str) -> float | None:
+    """A metric at the top level, under ``overall`` (evaluation's grouped layout) or at a dotted path."""
+    for candidate in (metrics, metrics.get("overall")):
+        if isinstance(candidate, Mapping):
+            node: Any = candidate
+            for part in metric.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if isinstance(node, int | float) and not isinstance(node, bool):
+                return float(node)
+    return None
+
+
+def _groups(metrics: Mapping[str, Any], keys: tuple[str, ...] | None) -> dict[str, Mapping[str, Any]]:
+    names = keys if keys is not None else tuple(k for k in metrics if k.startswith("by_"))
+    return {k: metrics[k] for k in names if isinstance(metrics.get(k), Mapping)}
+
+
+def _group_value(entry: Any, metric: str) -> tuple[float | None, int | None]:
+    if isinstance(entry, int | float) and not isinstance(entry, bool):
+        return float(entry), None
+    if isinstance(entry, Mapping):
+        n = entry.get("n")
+        return _lookup(entry, metric), int(n) if isinstance(n, int | float) else None
+    return None, None
+
+
+def promotion_gate(
+    challenger_metrics: Mapping[str, Any] | None,
+    champion_metrics: Mapping[str, Any] | None,
+    gate: Any,
+) -> tuple[bool, list[str]]:
+    """(passed, reasons). Passes when there is no champion yet; otherwise the challenger's metric
+    must reach champion + min_delta and no group value (per dialect, per domain, ...) may drop by
+    more than max_group_drop. A group the champion was measured on but the challenger was not
+    fails the gate: the comparison cannot be made."""
+    g = Gate.of(gate)
+    if champion_metrics is None:
+        return True, ["no champion yet"]
+    if not challenger_metrics:
+        return False, ["challenger has no evaluation metrics"]
+    reasons: list[str] = []
+    ok = True
+    new, old = _lookup(challenger_metrics, g.metric), _lookup(champion_metrics, g.metric)
+    if new is None:
+        return False, [f"challenger has no {g.metric!r}"]
+    if old is None:
+        reasons.append(f"champion has no {g.metric!r}; headline comparison skipped")
+    elif new + _EPS >= old + g.min_delta:
+        reasons.append(f"{g.metric} {new:.4f} >= champion {old:.4f} + {g.min_delta:g}")
+    else:
+        ok = False
+        reasons.append(f"{g.metric} {new:.4f} < champion {old:.4f} + min_delta {g.min_delta:g}")
+    new_groups = _groups(challenger_metrics, g.group_keys)
+    for key, old_groups in _groups(champion_metrics, g.group_keys).items():
+        for group, old_entry in old_groups.items():
+            old_v, old_n = _group_value(old_entry, g.metric)
+            if old_v is None or (old_n is not None and old_n < g.min_group_size):
+                continue
+            new_v, new_n = _group_value(new_groups.get(key, {}).get(group), g.metric)
+            if new_v is None:
+                ok = False
+                reasons.append(f"{key}[{group}]: challenger has no {g.metric}")
+                continue
+            if new_n is not None and new_n < g.min_group_size:
+                continue
+            if old_v - new_v > g.max_group_drop + _EPS:
+                ok = False
+                reasons.append(
+                    f"{key}[{group}] {g.metric} dropped {old_v - new_v:.4f} "
+                    f"({old_v:.4f} -> {new_v:.4f}) > max_group_drop {g.max_group_drop:g}"
+                )
+    return ok, reasons
+
+
+# ----------------------------------------------------------------------------------------------
+# champion moves: promote, rollback, history
+# ----------------------------------------------------------------------------------------------
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def champion_history(tracker: Tracker, name: str) -> list[dict[str, Any]]:
+    rm = tracker.call(f"get registered model {name!r}", tracker.client.get_registered_model, name)
+    raw = (rm.tags or {}).get(TAG_HISTORY)
+    return json.loads(raw) if raw else []
+
+
+def _champion_stack(history: list[dict[str, Any]]) -> list[str]:
+    """Replay the events: promote pushes, rollback pops; the top is the champion."""
+    stack: list[str] = []
+    for ev in history:
+        if ev["action"] == "promote":
+            if not stack or stack[-1] != ev["version"]:
+                stack.append(ev["version"])
+        elif ev["action"] == "rollback" and stack:
+            stack.pop()
+    return stack
+
+
+def _save_history(tracker: Tracker, name: str, history: list[dict[str, Any]]) -> None:
+    # Keep the newest events; a trimmed history still replays to the same top of stack as long as
+    # fewer than HISTORY_LIMIT rollbacks in a row are asked for.
+    tracker.call(
+        f"record champion history of {name!r}",
+        tracker.client.set_registered_model_tag,
+        name,
+        TAG_HISTORY,
+        json.dumps(history[-HISTORY_LIMIT:], ensure_ascii=False),
+    )
+
+
+def _get_version(tracker: Tracker, name: str, version: str | int) -> Any:
+    def get() -> Any:
+        try:
+            return tracker.client.get_model_version(name, str(version))
+        except Exception as e:
+            if _not_found(e):
+                raise RegistryError(f"{name} has no version {version}") from e
+            raise
+
+    return tracker.call(f"get {name} v{version}", get)
+
+
+def promote(tracker: Tracker, name: str, version: str | int, who: str, why: str) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` (no gate: this is the human override), record the event."""
+    version = str(_get_version(tracker, name, version).version)
+    current = alias_version(tracker, name, CHAMPION)
+    event = {
+        "action": "promote",
+        "version": version,
+        "previous": str(current.version) if current is not None else None,
+        "who": who,
+        "why": why[:REASON_CHARS],
+        "at": _now(),
+    }
+    c = tracker.client
+    tracker.call(f"set {name}@{CHAMPION}", c.set_registered_model_alias, name, CHAMPION, version)
+    challenger = alias_version(tracker, name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == version:
+        # a challenger that won is no longer a challenger
+        tracker.call(f"clear {name}@{CHALLENGER}", c.delete_registered_model_alias, name, CHALLENGER)
+    for k, v in (("promoted_by", who), ("promoted_reason", event["why"]), ("promoted_at", event["at"])):
+        tracker.call(f"tag {name} v{version}", c.set_model_version_tag, name, version, f"dagtune.{k}", v)
+    _save_history(tracker, name, champion_history(tracker, name) + [event])
+    log.info("registry: %s@champion -> v%s (was %s) by %s: %s", name, version, event["previous"], who, why)
+    return event
+
+
+def rollback(tracker: Tracker, name: str, who: str, why: str) -> dict[str, Any]:
+    """Move ``champion`` back to the champion before the current one; the current version stays
+    registered (tagged as rolled back)."""
+    current = alias_version(tracker, name, CHAMPION)
+    if current is None:
+        raise RegistryError(f"{name} has no champion to roll back")
+    history = champion_history(tracker, name)
+    stack = _champion_stack(history)
+    if stack and stack[-1] == str(current.version):
+        stack.pop()
+    if not stack:
+        raise RegistryError(f"{name}: v{current.version} is the first champion; nothing to roll back to")
+    target = stack[-1]
+    event = {
+        "action": "rollback",
+        "version": target,
+        "previous": str(current.version),
+        "who": who,
+        "why": why[:REASON_CHARS],
+        "at": _now(),
+    }
+    c = tracker.client
+    tracker.call(f"set {name}@{CHAMPION}", c.set_registered_model_alias, name, CHAMPION, target)
+    old = str(current.version)
+    for k, v in (
+        ("rolled_back_by", who),
+        ("rolled_back_reason", event["why"]),
+        ("rolled_back_at", event["at"]),
+    ):
+        tracker.call(f"tag {name} v{old}", c.set_model_version_tag, name, old, f"dagtune.{k}", v)
+    _save_history(tracker, name, history + [event])
+    log.info("registry: %s@champion rolled back v%s -> v%s by %s: %s", name, old, target, who, why)
+    return event
+
+
+def gate_and_alias(
+    tracker: Tracker,
+    name: str,
+    version: Any,
+    gate: Any,
+    *,
+    auto_promote: bool,
+    who: str = "dagtune (auto)",
+) -> tuple[bool, list[str]]:
+    """After registration: challenger alias, gate against the champion, promote when it passes and
+    auto promotion is on. Runs once per version: the recorded outcome makes reruns a no-op."""
+    tags = version.tags or {}
+    if TAG_GATE_PASSED in tags:
+        return tags[TAG_GATE_PASSED] == "true", json.loads(tags.get(TAG_GATE_REASONS) or "[]")
+    v = str(version.version)
+    champion = alias_version(tracker, name, CHAMPION)
+    if champion is not None and str(champion.version) == v:
+        return True, ["already champion"]
+    set_challenger(tracker, name, v)
+    passed, reasons = promotion_gate(
+        eval_metrics_of(version), eval_metrics_of(champion) if champion is not None else None, gate
+    )
+    if passed and auto_promote:
+        promote(tracker, name, v, who, "gate passed: " + "; ".join(reasons))
+    elif passed:
+        reasons = reasons + ["auto_promote is off: champion not moved"]
+    c = tracker.client
+    tracker.call(f"tag {name} v{v}", c.set_model_version_tag, name, v, TAG_GATE_REASONS, json.dumps(reasons))
+    tracker.call(f"tag {name} v{v}", c.set_model_version_tag, name, v, TAG_GATE_PASSED, str(passed).lower())
+    return passed, reasons
+
+
+def list_versions(tracker: Tracker, name: str) -> list[Any]:
+    found = tracker.call(
+        f"search versions of {name!r}", tracker.client.search_model_versions, f"name = '{_quote(name)}'"
+    )
+    return sorted(found, key=lambda v: int(v.version))
