@@ -120,7 +120,7 @@ class FunctionCallingDataConfig(TaskDataConfig):
         "A call whose arguments do not match its tool's JSON schema (unknown key, missing required key, wrong "
         "JSON type): keep = reported in bad_rows.jsonl (action 'kept') and counted, the recorded call stays "
         "the target; drop = a bad row like any other. Default keep because the real Arabic data has such "
-        "rows by construction (44 of the 94 calls in the shared sample, e.g. origin/destination for "
+        "rows by construction (45 of the 94 calls in the shared sample, e.g. origin/destination for "
         "search_flights), and its recorded arguments are the ground truth evaluation compares against.",
     )
     negative_fraction: float = F(
@@ -243,6 +243,19 @@ class TrainCommon(Section):
     checkpoint_every: int = F(50, "Save a resumable checkpoint every N optimizer steps.", ge=1)
     seed: int = F(3407, "Training seed.", ge=0)
     save_merged: bool = F(True, "Also write the merged 16-bit model (needed for GGUF).")
+    cpu_threads: int | None = F(
+        None,
+        "CPU only: torch intra-op threads while this node trains (None = torch's default, one per core). "
+        "Tiny models gain nothing from more than one, and several trainings overlapping on a few cores make "
+        "OpenMP threads spin against each other (element-wise ops measured 10x slower on 2 busy cores).",
+        ge=1,
+    )
+    merged_dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
+        "auto",
+        "dtype of the merged model's safetensors: auto = the training compute dtype (bf16/fp16 on CUDA, so "
+        "16-bit there; fp32 on CPU, where the tiny models train in fp32 and the GGUF parity check compares "
+        "against them). The unsloth backend always writes its merged_16bit.",
+    )
 
 
 class TrainFunctionCallingConfig(TrainCommon):
@@ -283,6 +296,24 @@ class EvaluateConfig(Section):
     )
     rel_tol: float = F(1e-5, "Relative tolerance when comparing equation values.", gt=0)
     compare_base: bool = F(True, "Also evaluate each base model with the same decoding.")
+    seed: int = F(0, "Seed of the random subsample drawn when a split has more than max_examples rows.", ge=0)
+    threshold_metric: Literal["macro_f1", "accuracy", "f1_flawed", "balanced_accuracy"] = F(
+        "macro_f1",
+        "Validation metric the classifier's decision threshold maximizes; the threshold is then applied to test.",
+    )
+    computational_error_types: list[str] = F(
+        default_factory=lambda: [
+            "arithmetic",
+            "computational",
+            "calculation",
+            "arithmetic_error",
+            "computational_error",
+            "calculation_error",
+        ],
+        description="error_type values (case/separator-insensitive) of flawed classifier rows whose gold "
+        "two-stage verdict is computational_error (a written calculation is wrong); every other flawed row "
+        "is conceptual_error (synthetic: wrong_operation, final_answer).",
+    )
 
 
 class ConvertGgufConfig(Section):
@@ -310,6 +341,17 @@ class PromotionGate(Section):
     max_group_drop: float = F(
         0.05, "No per-dialect/per-group value of the metric may drop by more than this."
     )
+    group_keys: list[str] | None = F(
+        None,
+        "Which groupings of metrics.json the group-drop rule checks (e.g. [by_dialect]); None = every "
+        "by_* mapping present in the champion's metrics.",
+    )
+    min_group_size: int = F(
+        0,
+        "Groups evaluated on fewer examples than this (their 'n') are not checked: a two-example dialect "
+        "would block every promotion on noise.",
+        ge=0,
+    )
 
 
 class RegisteredModel(Section):
@@ -326,6 +368,20 @@ class RegisterConfig(Section):
     experiment: str = F("dagtune", "MLflow experiment name.")
     auto_promote: bool = F(True, "Move the champion alias when the gate passes.")
     retries: int = F(4, "Retries with exponential backoff when the tracking server is unreachable.", ge=0)
+    backoff_seconds: float = F(1.0, "First wait between retries; doubles each retry (capped at 30 s).", ge=0)
+    gguf_quantization: str = F(
+        "q8_0", "Which convert_gguf output file the generative models' registered version serves."
+    )
+    log_merged_model: bool = F(
+        True,
+        "Also log the merged 16-bit model (transformers flavor) in the version's run; its URI is the "
+        "version tag dagtune.merged_model_uri. Off saves the copy of the full weights.",
+    )
+    classifier_loader: str = F(
+        "dagtune.training.classifier:load_classifier",
+        "Import path of the function the classifier pyfunc calls with its artifact dir to get an object "
+        "with predict_proba(texts) -> list[float].",
+    )
     models: dict[Literal["function_calling", "extractor", "classifier"], RegisteredModel] = F(
         default_factory=lambda: {
             "function_calling": RegisteredModel(name="dagtune-function-calling"),

@@ -1,0 +1,155 @@
+"""Render examples into each model's exact input format with the model's own chat template.
+
+Training, evaluation and the GGUF export all read ``prompt``/``completion``/``text`` from these files,
+so the template is applied exactly once, here. ``prompt`` ends with the generation prompt; ``text`` is
+what the template renders for the whole conversation and starts with ``prompt`` (checked per row), so
+``completion`` is exactly the tokens the model must learn to produce.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from dagtune.data.errors import DataError
+from dagtune.formats import format_eq, parse_function_calls
+
+EXTRACTOR_INSTRUCTION = (
+    "Extract the equation from this line of a math solution. Answer with <eq>lhs=rhs</eq> written without "
+    "spaces and with * for multiplication, or <eq></eq> if the line has no equation.\n\nLine: "
+)
+CLASSIFIER_PROMPT = (
+    "You are a math tutor. Read the problem and the student's solution, then decide whether the solution "
+    "is correct.\n\nProblem: {question}\n\nSolution: {solution}\n\nIs this solution correct?"
+)
+# The classifier reads the hidden state of the prompt's last token; the verdict makes `text` a complete
+# conversation too, so a generative reading of the same data is possible.
+CLASSIFIER_VERDICTS = {0: "Correct", 1: "Flawed"}
+
+COMMON_COLUMNS = ["id", "prompt", "completion", "text"]
+TASK_COLUMNS = {
+    "function_calling": ["user", "dialect", "domain", "has_call", "tools", "target_name", "target_arguments"],
+    "extractor": ["line", "eqn", "type"],
+    "classifier": ["question", "solution", "label", "error_type"],
+}
+TAIL_COLUMNS = ["n_prompt_tokens", "n_tokens", "truncated", "source"]
+
+
+class Unrenderable(Exception):
+    """A row the template cannot render faithfully (reported as a bad row, not a crash)."""
+
+
+def render_conversation(
+    tokenizer: Any, messages: list[dict[str, Any]], target: dict[str, Any], tools: list | None = None
+) -> tuple[str, str, str]:
+    """(prompt, completion, text) from the tokenizer's chat template."""
+    kw: dict[str, Any] = {"tokenize": False}
+    if tools is not None:
+        kw["tools"] = tools
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kw)
+    text = tokenizer.apply_chat_template([*messages, target], add_generation_prompt=False, **kw)
+    if not text.startswith(prompt):
+        # A template that renders history differently once an answer follows would make training and
+        # inference disagree about the prompt: refuse the whole task, it is not a data problem.
+        raise DataError(
+            "chat template renders the prompt differently with and without the answer; "
+            f"prompt ends {prompt[-80:]!r}, text has {text[: len(prompt)][-80:]!r}"
+        )
+    return prompt, text[len(prompt) :], text
+
+
+def render_function_calling(
+    tokenizer: Any, ex: dict[str, Any], developer_prompt: str, negative_reply: str
+) -> dict:
+    """FunctionGemma: developer turn with the tool declarations, user request, then either one tool call
+    (the template writes <start_function_call>call:NAME{...}<end_function_call><start_function_response>)
+    or the fixed no-tool reply."""
+    messages = [{"role": "developer", "content": developer_prompt}, {"role": "user", "content": ex["user"]}]
+    if ex["has_call"]:
+        call = {"name": ex["target_name"], "arguments": ex["target_arguments"]}
+        target = {"role": "assistant", "tool_calls": [{"type": "function", "function": call}]}
+    else:
+        target = {"role": "assistant", "content": negative_reply}
+    prompt, completion, text = render_conversation(tokenizer, messages, target, ex["tools"])
+    expected = [{"name": ex["target_name"], "arguments": ex["target_arguments"]}] if ex["has_call"] else []
+    if parse_function_calls(completion) != expected:  # what evaluation will parse must be the target
+        raise Unrenderable(f"rendered completion does not parse back to the target: {completion[:120]!r}")
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "text": text,
+        "user": ex["user"],
+        "dialect": ex["dialect"],
+        "domain": ex["domain"],
+        "has_call": ex["has_call"],
+        "tools": json.dumps(ex["tools"], ensure_ascii=False),
+        "target_name": ex["target_name"],
+        "target_arguments": json.dumps(ex["target_arguments"], ensure_ascii=False, sort_keys=True),
+    }
+
+
+def render_extractor(tokenizer: Any, ex: dict[str, Any]) -> dict:
+    """Gemma-3: fixed instruction + the line in the user turn; target <eq>lhs=rhs</eq> or <eq></eq>."""
+    messages = [{"role": "user", "content": EXTRACTOR_INSTRUCTION + ex["line"]}]
+    target = {"role": "assistant", "content": format_eq(ex["eqn"])}
+    prompt, completion, text = render_conversation(tokenizer, messages, target)
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "text": text,
+        "line": ex["line"],
+        "eqn": ex["eqn"],
+        "type": ex["type"],
+    }
+
+
+def render_classifier(tokenizer: Any, ex: dict[str, Any]) -> dict:
+    """Phi: a tutor prompt with problem and solution; the label is a column, not generated text."""
+    messages = [{"role": "user", "content": CLASSIFIER_PROMPT.format(**ex)}]
+    target = {"role": "assistant", "content": CLASSIFIER_VERDICTS[ex["label"]]}
+    prompt, completion, text = render_conversation(tokenizer, messages, target)
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "text": text,
+        "question": ex["question"],
+        "solution": ex["solution"],
+        "label": int(ex["label"]),
+        "error_type": ex["error_type"],
+    }
+
+
+def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Token counts of already-rendered text: the template wrote <bos> itself, so add none here."""
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def render_split(
+    task: str, tokenizer: Any, rows: list[dict[str, Any]], max_length: int, options: dict[str, str]
+) -> tuple[pd.DataFrame, list[tuple[dict[str, Any], str]]]:
+    """A split's DataFrame (fixed column order) and the rows that could not be rendered, with why."""
+    out, failed = [], []
+    for ex in rows:
+        try:
+            if task == "function_calling":
+                rendered = render_function_calling(
+                    tokenizer, ex, options["developer_prompt"], options["negative_reply"]
+                )
+            elif task == "extractor":
+                rendered = render_extractor(tokenizer, ex)
+            else:
+                rendered = render_classifier(tokenizer, ex)
+        except Unrenderable as e:
+            failed.append((ex, str(e)))
+            continue
+        out.append({"id": ex["id"], **rendered, "source": ex["source"]})
+    n_tokens = count_tokens(tokenizer, [r["text"] for r in out])
+    n_prompt = count_tokens(tokenizer, [r["prompt"] for r in out])
+    for r, n, p in zip(out, n_tokens, n_prompt, strict=True):
+        r.update(n_prompt_tokens=p, n_tokens=n, truncated=n > max_length)
+    columns = COMMON_COLUMNS + TASK_COLUMNS[task] + TAIL_COLUMNS
+    return pd.DataFrame(out, columns=columns), failed
