@@ -366,6 +366,7 @@ class RegisterConfig(Section):
         "Env override: MLFLOW_TRACKING_URI.",
     )
     experiment: str = F("dagtune", "MLflow experiment name.")
+    gguf_max_tokens: int = F(256, "Default max new tokens of the registered GGUF pyfunc models' predict.", ge=1)
     auto_promote: bool = F(True, "Move the champion alias when the gate passes.")
     retries: int = F(4, "Retries with exponential backoff when the tracking server is unreachable.", ge=0)
     backoff_seconds: float = F(1.0, "First wait between retries; doubles each retry (capped at 30 s).", ge=0)

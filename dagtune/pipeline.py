@@ -33,6 +33,8 @@ class Settings:
     profile: str
     config_hash: str
     config_dir: Path
+    flow_run_id: str | None = None  # set by the orchestrator (Prefect) when there is one
+    flow_run_url: str | None = None
 
 
 @dataclass
@@ -74,8 +76,11 @@ NODES: dict[str, Node] = {
 NODE_ORDER = list(NODES)
 
 
-def settings_for(cfg: PipelineConfig) -> Settings:
+def settings_for(cfg: PipelineConfig, flow_run: dict[str, str | None] | None = None) -> Settings:
+    flow_run = flow_run or {}
     return Settings(
+        flow_run_id=flow_run.get("id"),
+        flow_run_url=flow_run.get("url"),
         state_dir=cfg.state_dir,
         artifact_root=cfg.artifact_root,
         tracking_uri=cfg.tracking_uri,
@@ -138,6 +143,7 @@ def run_node(
     cfg: PipelineConfig,
     upstream: dict[str, Artifact],
     force: bool = False,
+    flow_run: dict[str, str | None] | None = None,
 ) -> tuple[Artifact, NodeResult]:
     """Return the node's artifact, computing it only if its manifest is not in the store yet."""
     t0 = time.time()
@@ -162,7 +168,7 @@ def run_node(
             inputs=inputs,
             upstream={u: upstream[u] for u in node.upstream},
             store=store,
-            settings=settings_for(cfg),
+            settings=settings_for(cfg, flow_run),
         )
         return node.load(node.module)(ctx)
 

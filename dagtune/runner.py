@@ -46,6 +46,7 @@ def execute_node(
     only: list[str] | None = None,
     force: list[str] | None = None,
     flow_run_id: str | None = None,
+    flow_run_url: str | None = None,
 ) -> dict[str, Any]:
     """Run (or reuse) one node; returns a JSON-able result with the artifact reference."""
     if only and name not in only:
@@ -58,7 +59,13 @@ def execute_node(
             )
         result = {"name": name, "status": "cached", "seconds": 0.0, "key": key, "artifact": art.path}
     else:
-        art, res = run_node(name, cfg, _artifacts(upstream), force=name in (force or []))
+        art, res = run_node(
+            name,
+            cfg,
+            _artifacts(upstream),
+            force=name in (force or []),
+            flow_run={"id": flow_run_id, "url": flow_run_url},
+        )
         result = res.to_dict()
     log.info("node %s: %s in %.1fs (%s)", name, result["status"], result["seconds"], result["key"][:12])
     return {**result, "node": name, "path": art.path, "flow_run_id": flow_run_id}

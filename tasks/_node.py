@@ -30,6 +30,8 @@ def node_task(name: str):
     def run(cfg, upstream: dict[str, dict], only: list[str], force: list[str]) -> dict:
         from prefect.runtime import flow_run
 
-        return execute_node(name, cfg, upstream, only=only, force=force, flow_run_id=str(flow_run.id))
+        return execute_node(
+            name, cfg, upstream, only=only, force=force, flow_run_id=str(flow_run.id), flow_run_url=flow_run.ui_url
+        )
 
     return run

@@ -181,6 +181,9 @@ def build_artifacts(
         (out / "metrics.json").write_text(json.dumps(metrics))
         return {"function_calling.exact_match": fc_exact}
 
+    from dagtune.config import load_config
+
+    cfg = load_config(profile="tiny")  # each manifest records its node's config section, as run_node does
     arts = {}
     for node, fn, extra in (
         ("prepare_data", data, {}),
@@ -189,7 +192,8 @@ def build_artifacts(
         ("train_classifier", train_clf, {"variant": variant}),
         ("evaluate", evaluate, {"variant": variant, "fc": fc_exact, "d": dialects, "clf": clf_f1}),
     ):
-        arts[node], _ = store.build_once(node, {"node": node, **extra}, fn)
+        inputs = {"node": node, "config": getattr(cfg, node).model_dump(mode="json"), **extra}
+        arts[node], _ = store.build_once(node, inputs, fn)
     return arts
 
 

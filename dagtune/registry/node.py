@@ -151,7 +151,7 @@ def _log_version_model(
         run_id,
         parts[gguf_role]["path"],
         extra_artifacts=extras,
-        max_tokens=int(getattr(cfg.evaluate, "max_new_tokens", 256)),
+        max_tokens=cfg.register.gguf_max_tokens,
         metadata={"digest": meta["digest"]},
     )
     return info, extra
@@ -230,12 +230,12 @@ def register_pipeline(
         node_runs: dict[str, str] = {}
         for node, art in arts.items():
             manifest = art.manifest()
-            section = getattr(cfg, node, None)
             node_runs[node] = child_run(
                 tracker,
                 parent_id,
                 node,
-                params=section.model_dump(mode="json") if section is not None else {},
+                # the node's own config section, as recorded in its manifest's key inputs
+                params=manifest.get("inputs", {}).get("config", {}),
                 metrics=manifest.get("metrics", {}),
                 artifacts_dir=art.dir,
                 step_metrics=read_jsonl(art.dir / "train_log.jsonl"),
@@ -245,3 +245,33 @@ def register_pipeline(
             if TRAIN_NODE[model] in arts:
                 out["models"][model] = register_model(tracker, cfg, model, arts, node_runs, run)
     return out
+
+
+def build(ctx: Any) -> dict[str, Any]:
+    """The ``register`` node: track the run and register the three models (see module docstring).
+    It sees its own section only; the tracking URI and state dir come from the run's settings."""
+    from types import SimpleNamespace
+
+    view = SimpleNamespace(
+        register=ctx.section, tracking_uri=ctx.settings.tracking_uri, state_dir=ctx.settings.state_dir
+    )
+    run = RunInfo(
+        config_hash=ctx.settings.config_hash,
+        profile=ctx.settings.profile,
+        flow_run_id=ctx.settings.flow_run_id,
+        flow_run_url=ctx.settings.flow_run_url,
+        repo_dir=ctx.settings.config_dir,
+    )
+    result = register_pipeline(view, ctx.upstream, run)
+    (ctx.out / "registered.json").write_text(json.dumps(result, indent=2, default=str))
+    return {
+        model: {k: r.get(k) for k in ("version", "created", "gate_passed", "champion")}
+        for model, r in result["models"].items()
+    }
+
+
+def key_inputs(cfg: Any) -> dict[str, Any]:
+    """Registering into another tracking server is another output. Hashed: a URI may hold credentials."""
+    import hashlib
+
+    return {"tracking_uri_sha256": hashlib.sha256(cfg.tracking_uri.encode()).hexdigest()}

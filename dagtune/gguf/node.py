@@ -1,0 +1,119 @@
+"""The ``convert_gguf`` node: each generative model's merged checkpoint → GGUF, parity-checked.
+
+For each model in ``convert_gguf.models``: llama.cpp's own converter writes ``outtype`` (F16 by
+default) from the training node's ``merged/`` directory, then each requested quantization is made and
+checked against the HF model in llama-cpp-python on the first ``parity_prompts`` test prompts of that
+model's task (token ids identical, next-token top-1 agreement, greedy generation agreement). The node
+fails when a file's top-1 agreement is below ``min_top1_agreement``: a broken export never reaches the
+registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dagtune.pipeline import NodeContext
+
+log = logging.getLogger("dagtune.gguf")
+
+# convert_gguf.models entry -> (training node, prepare_data task whose test prompts the check uses)
+SOURCES = {
+    "function_calling": ("train_function_calling", "function_calling"),
+    "extractor": ("train_extractor", "extractor"),
+}
+
+
+class ParityError(RuntimeError):
+    """A GGUF file disagrees with the HF model beyond the configured threshold."""
+
+
+def _prompts(data_dir: Path, task: str, n: int) -> list[str]:
+    import pandas as pd
+
+    df = pd.read_parquet(data_dir / task / "test.parquet", columns=["prompt"])
+    return df["prompt"].head(n).tolist()
+
+
+def build(ctx: NodeContext) -> dict[str, Any]:
+    from dagtune.gguf import convert_hf_to_gguf, parity_check, quantize
+
+    cfg = ctx.section
+    data_dir = ctx.upstream["prepare_data"].dir
+    metrics: dict[str, Any] = {}
+    failures: list[str] = []
+    for model in cfg.models:
+        train_node, task = SOURCES[model]
+        merged = ctx.upstream[train_node].dir / "merged"
+        if not (merged / "config.json").is_file():
+            raise FileNotFoundError(f"{train_node} artifact has no merged model at {merged}")
+        out_dir = ctx.out / model
+        out_dir.mkdir(parents=True)
+        base_file = ctx.scratch / f"{model}.{cfg.outtype}.gguf"
+        conv = convert_hf_to_gguf(merged, base_file, outtype=cfg.outtype)
+        prompts = _prompts(data_dir, task, cfg.parity_prompts)
+        files: dict[str, Any] = {}
+        for qtype in cfg.quantizations:
+            target = out_dir / f"{model}.{qtype}.gguf"
+            if qtype == cfg.outtype:
+                shutil.copyfile(base_file, target)
+                q = {"qtype": qtype, "seconds": 0.0}
+            elif qtype in ("f16", "bf16"):
+                q = convert_hf_to_gguf(merged, target, outtype=qtype)
+            else:
+                q = quantize(base_file, target, qtype)
+            parity = parity_check(
+                merged,
+                target,
+                prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                min_top1_agreement=cfg.min_top1_agreement,
+            )
+            files[qtype] = {
+                "file": target.relative_to(ctx.out).as_posix(),
+                "size_bytes": target.stat().st_size,
+                "convert_seconds": conv.get("seconds"),
+                "quantize_seconds": q.get("seconds"),
+                "warnings": q.get("warnings", []),
+                "parity": {k: v for k, v in parity.items() if k != "token_id_mismatches"},
+            }
+            if not parity["passed"]:
+                failures.append(f"{model} {qtype}: " + "; ".join(parity["failures"]))
+        metrics[model] = files
+    (ctx.out / "parity_report.md").write_text(_report(metrics), encoding="utf-8")
+    if failures:
+        # The report stays in the scratch dir for inspection; nothing is committed to the store.
+        shutil.copyfile(ctx.out / "parity_report.md", ctx.scratch / "parity_report.md")
+        raise ParityError(
+            "GGUF parity check failed: " + " | ".join(failures) + f" (report: {ctx.scratch / 'parity_report.md'})"
+        )
+    return metrics
+
+
+def _report(metrics: dict[str, Any]) -> str:
+    lines = [
+        "# GGUF parity report",
+        "",
+        "HF model (float32) vs llama.cpp on the task's test prompts.",
+        "",
+        "| model | type | size MB | token ids match | top-1 agreement | max abs logit diff | greedy exact match | passed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, files in metrics.items():
+        for qtype, f in files.items():
+            p = f["parity"]
+            lines.append(
+                f"| {model} | {qtype} | {f['size_bytes'] / 1e6:.2f} | {p['token_ids_match_rate']:.3f} | "
+                f"{p['top1_agreement']:.3f} | {p['max_abs_logit_diff']:.3g} | {p['greedy_exact_match_rate']:.3f} | "
+                f"{p['passed']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def key_inputs(cfg: Any) -> dict[str, Any]:
+    """The converter and quantizer come from the pinned llama-cpp-python: a new pin re-exports."""
+    from dagtune.gguf.convert import LLAMA_CPP_PYTHON_VERSION
+
+    return {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION}
