@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ class Node:
     module: str  # "dagtune.data.node:build": imported lazily so `status` never loads torch
     # Extra key inputs the section alone doesn't capture (source file hashes, resolved backend, ...).
     extra_inputs: str | None = None
+    # Training nodes take one of runtime.max_parallel_training slots: on one GPU they queue.
+    needs_training_slot: bool = False
 
     def load(self, attr: str) -> Callable[..., Any]:
         mod, fn = attr.split(":")
@@ -170,10 +173,38 @@ def run_node(
             store=store,
             settings=settings_for(cfg, flow_run),
         )
-        return node.load(node.module)(ctx)
+        if not node.needs_training_slot:
+            return node.load(node.module)(ctx)
+        with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
+            return node.load(node.module)(ctx)
 
     art, ran = store.build_once(name, inputs, build, force=force)
     return art, NodeResult(name, "ran" if ran else "cached", time.time() - t0, key, art.path)
+
+
+@contextmanager
+def training_slot(lock_dir: Path, slots: int, name: str) -> Iterator[None]:
+    """Hold one of ``slots`` file locks (across threads and processes) while a node trains."""
+    from filelock import FileLock, Timeout
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for i in range(slots):
+            lock = FileLock(str(lock_dir / f"training-slot-{i}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                yield
+            finally:
+                lock.release()
+            return
+        if not waited:
+            log.info("node %s: waiting for a training slot (%d in use)", name, slots)
+            waited = True
+        time.sleep(0.5)
 
 
 def node_status(cfg: PipelineConfig) -> list[dict[str, Any]]:

@@ -21,3 +21,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip check >&2
   echo "$want" >"$stamp"
 fi
+# llama-cpp-python built from source (reused from .wheels/ or ~/.cache/dagtune/wheels when the pin is
+# unchanged) and llama.cpp's own converter from the same sdist: needed by convert_gguf and its tests.
+if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null || [ ! -f .state/llama_cpp_tools/convert_hf_to_gguf.py ]; then
+  PYTHON="$VENV/bin/python" bash scripts/build_llama_cpp.sh
+fi
