@@ -74,6 +74,30 @@ NODES: dict[str, Node] = {
     n.name: n
     for n in [
         Node("prepare_data", "1", (), "dagtune.data.node:build", "dagtune.data.node:key_inputs"),
+        Node(
+            "train_function_calling",
+            "1",
+            ("prepare_data",),
+            "dagtune.training.sft:build_function_calling",
+            "dagtune.training.sft:key_inputs_function_calling",
+            needs_training_slot=True,
+        ),
+        Node(
+            "train_extractor",
+            "1",
+            ("prepare_data",),
+            "dagtune.training.sft:build_extractor",
+            "dagtune.training.sft:key_inputs_extractor",
+            needs_training_slot=True,
+        ),
+        Node(
+            "train_classifier",
+            "1",
+            ("prepare_data",),
+            "dagtune.training.classifier:build_classifier",
+            "dagtune.training.classifier:key_inputs",
+            needs_training_slot=True,
+        ),
     ]
 }
 NODE_ORDER = list(NODES)

@@ -102,6 +102,7 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(cfg.artifact_root)
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

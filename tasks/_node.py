@@ -31,7 +31,13 @@ def node_task(name: str):
         from prefect.runtime import flow_run
 
         return execute_node(
-            name, cfg, upstream, only=only, force=force, flow_run_id=str(flow_run.id), flow_run_url=flow_run.ui_url
+            name,
+            cfg,
+            upstream,
+            only=only,
+            force=force,
+            flow_run_id=str(flow_run.id),
+            flow_run_url=flow_run.ui_url,
         )
 
     return run

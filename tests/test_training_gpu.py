@@ -1,0 +1,93 @@
+"""The training nodes on CUDA (skipped without a GPU; run on the GPU machine): the hf backend with NF4
+4-bit bases and bf16, and the unsloth backend (FastModel / FastLanguageModel, get_peft_model with
+"unsloth" gradient checkpointing, train_on_responses_only, save_pretrained_merged), on the tiny models.
+
+    PYTHONPATH=$PWD/.gpu_site:$PWD python3 -m pytest -m gpu tests/test_training_gpu.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+if importlib.util.find_spec("unsloth") is not None:
+    try:  # Unsloth patches transformers/trl/peft: it must be imported before them
+        import unsloth  # noqa: F401
+    except Exception:  # pragma: no cover - reported by the unsloth tests below
+        pass
+
+from test_training_common import make_ctx, prepared_data, tiny_section
+
+from dagtune.config import RuntimeConfig
+from dagtune.training import classifier as K
+from dagtune.training import sft
+
+pytestmark = pytest.mark.gpu
+HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
+GPU = {"log_every": 1, "checkpoint_every": 2, "cpu_threads": None, "gradient_checkpointing": True}
+
+
+def _check_merged(out, dtype: str | None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype="auto")
+    if dtype:  # Unsloth's merged_16bit keeps the base checkpoint's dtype (fp32 for the tiny models)
+        assert merged.dtype == getattr(torch, dtype)
+    assert AutoTokenizer.from_pretrained(out / "merged").chat_template
+
+
+def test_hf_backend_nf4_sft(tmp_path):
+    sec = tiny_section("train_extractor", optim={"max_steps": 4}, model={"load_in_4bit": True}, **GPU)
+    m = sft.build_extractor(
+        make_ctx(tmp_path, "train_extractor", sec, runtime=RuntimeConfig(device="cuda", backend="hf"))
+    )
+    assert (m["backend"], m["device"], m["load_in_4bit"], m["dtype"]) == ("hf", "cuda", True, "bfloat16")
+    assert m["peak_memory_kind"] == "cuda_max_allocated" and m["peak_memory_bytes"] > 0 and m["steps"] == 4
+    _check_merged(tmp_path / "out", "bfloat16")
+
+
+def test_hf_backend_nf4_classifier(tmp_path):
+    sec = tiny_section("train_classifier", optim={"max_steps": 4}, model={"load_in_4bit": True},
+                       early_stopping={"eval_every": 2}, **GPU)  # fmt: skip
+    m = K.build_classifier(
+        make_ctx(tmp_path, "train_classifier", sec, runtime=RuntimeConfig(device="cuda", backend="hf"))
+    )
+    assert (m["backend"], m["device"], m["load_in_4bit"]) == ("hf", "cuda", True)
+    ref = json.loads((tmp_path / "out" / K.REFERENCE_FILE).read_text())
+    model, _ = K.load_classifier(tmp_path / "out", device="cuda")
+    import torch
+
+    # Trained on an NF4 base, reloaded as the bf16 merge: close, not bit-equal.
+    torch.testing.assert_close(model.logits(ref["texts"]), torch.tensor(ref["logits"]), atol=0.1, rtol=0.1)
+
+
+@pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")
+def test_unsloth_backend_sft(tmp_path):
+    sec = tiny_section("train_function_calling", optim={"max_steps": 4}, model={"load_in_4bit": True}, **GPU)
+    ctx = make_ctx(
+        tmp_path, "train_function_calling", sec, runtime=RuntimeConfig(device="auto", backend="auto")
+    )
+    m = sft.build_function_calling(ctx)
+    assert (m["backend"], m["device"]) == ("unsloth", "cuda") and m["steps"] == 4
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    _check_merged(tmp_path / "out", None)
+
+
+@pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")
+def test_unsloth_backend_classifier(tmp_path):
+    sec = tiny_section("train_classifier", optim={"max_steps": 4}, model={"load_in_4bit": True},
+                       early_stopping={"eval_every": 2}, **GPU)  # fmt: skip
+    m = K.build_classifier(
+        make_ctx(tmp_path, "train_classifier", sec, runtime=RuntimeConfig(device="cuda", backend="unsloth"))
+    )
+    assert (m["backend"], m["device"]) == ("unsloth", "cuda") and m["steps"] == 4
+    assert set(m["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    ref = json.loads((tmp_path / "out" / K.REFERENCE_FILE).read_text())
+    model, _ = K.load_classifier(tmp_path / "out", device="cuda")
+    import torch
+
+    torch.testing.assert_close(model.logits(ref["texts"]), torch.tensor(ref["logits"]), atol=0.1, rtol=0.1)
+    assert prepared_data()  # the same data as the CPU tests
