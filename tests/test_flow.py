@@ -43,7 +43,33 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
+# The tiny profile, made smaller still: these tests check orchestration, not learning.
+FAST = {
+    "prepare_data": {
+        "function_calling": {"source": {"num_examples": 60}},
+        "extractor": {"source": {"num_examples": 60}},
+        "classifier": {"source": {"num_examples": 60}},
+    },
+    **{
+        n: {"optim": {"max_steps": 2, "batch_size": 4}, "checkpoint_every": 1000, "log_every": 1}
+        for n in ("train_function_calling", "train_extractor", "train_classifier")
+    },
+}
+
+
+def fast_config(tmp: Path, tweak: dict | None = None) -> Path:
+    from dagtune.config import deep_merge
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["profiles"]["tiny"] = deep_merge(deep_merge(raw["profiles"]["tiny"], FAST), tweak or {})
+    p = tmp / f"fast-{len(list(tmp.glob('fast-*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    return p
+
+
 def _run_json(state: Path, *extra: str, prefect_home: Path | None = None) -> dict:
+    if "--config" not in extra:
+        extra = (*extra, "--config", str(fast_config(state.parent)))
     r = _cli("run", "--json", *extra, env=_env(state, prefect_home))
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout)  # exactly one JSON object on stdout
@@ -80,7 +106,7 @@ def test_second_run_is_cached_and_writes_nothing(built):
 
 def test_status_reports_every_node_built(built):
     state, _ = built
-    r = _cli("status", "--json", env=_env(state))
+    r = _cli("status", "--json", "--config", str(fast_config(state.parent)), env=_env(state))
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["nodes"]
     assert all(row["exists"] and row["size_bytes"] > 0 for row in rows)
@@ -88,15 +114,8 @@ def test_status_reports_every_node_built(built):
 
 def test_changed_section_reruns_node_and_downstream_only(built, tmp_path):
     state, first = built
-    node = NODE_ORDER[-1] if len(NODE_ORDER) > 1 else NODE_ORDER[0]
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw["profiles"]["tiny"].setdefault(node, {}).update(TWEAKS[node])
-    cfg_path = ROOT / f".test-config-{os.getpid()}.yaml"  # beside the original: relative paths still resolve
-    cfg_path.write_text(yaml.safe_dump(raw, allow_unicode=True))
-    try:
-        out = _run_json(state, "--config", str(cfg_path))
-    finally:
-        cfg_path.unlink()
+    node = "train_classifier"  # a leaf: nothing else may re-run
+    out = _run_json(state, "--config", str(fast_config(tmp_path, {node: TWEAKS[node]})))
     ran = {n["name"] for n in out["nodes"] if n["status"] == "ran"}
     assert ran == descendants(node)
 
