@@ -98,6 +98,33 @@ NODES: dict[str, Node] = {
             "dagtune.training.classifier:key_inputs",
             needs_training_slot=True,
         ),
+        Node(
+            "evaluate",
+            "1",
+            ("prepare_data", "train_function_calling", "train_extractor", "train_classifier"),
+            "dagtune.evaluation.node:build",
+        ),
+        Node(
+            "convert_gguf",
+            "1",
+            ("prepare_data", "train_function_calling", "train_extractor"),
+            "dagtune.gguf.node:build",
+            "dagtune.gguf.node:key_inputs",
+        ),
+        Node(
+            "register",
+            "1",
+            (
+                "prepare_data",
+                "train_function_calling",
+                "train_extractor",
+                "train_classifier",
+                "evaluate",
+                "convert_gguf",
+            ),
+            "dagtune.registry.node:build",
+            "dagtune.registry.node:key_inputs",
+        ),
     ]
 }
 NODE_ORDER = list(NODES)

@@ -87,7 +87,9 @@ def build(ctx: NodeContext) -> dict[str, Any]:
         # The report stays in the scratch dir for inspection; nothing is committed to the store.
         shutil.copyfile(ctx.out / "parity_report.md", ctx.scratch / "parity_report.md")
         raise ParityError(
-            "GGUF parity check failed: " + " | ".join(failures) + f" (report: {ctx.scratch / 'parity_report.md'})"
+            "GGUF parity check failed: "
+            + " | ".join(failures)
+            + f" (report: {ctx.scratch / 'parity_report.md'})"
         )
     return metrics
 

@@ -1,0 +1,147 @@
+"""``report.md`` of the evaluate node: tables from metrics.json and links to the PNG plots."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FC_COLUMNS = (
+    "parse_ok_rate",
+    "tool_name_accuracy",
+    "exact_match",
+    "arg_key_f1",
+    "missed_call_rate",
+    "false_call_rate",
+)
+EXTRACTOR_COLUMNS = ("equation_score", "exact_match", "tag_parse_failure_rate")
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def signed(v: Any) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _compare(block: dict[str, Any], columns: Sequence[str], delta: dict[str, Any] | None) -> list[str]:
+    rows = []
+    for model in ("fine_tuned", "base"):
+        if model in block:
+            o = block[model]["overall"]
+            rows.append([model, o.get("n"), *[o.get(c) for c in columns]])
+    if delta:
+        rows.append(["delta (ft - base)", "", *[signed(delta.get(c)) for c in columns]])
+    return table(["model", "n", *columns], rows)
+
+
+def _groups(block: dict[str, Any], group: str, columns: Sequence[str]) -> list[str]:
+    key = f"by_{group}"
+    ft = block.get("fine_tuned", {}).get(key)
+    if not ft:
+        return []
+    base = block.get("base", {}).get(key, {})
+    rows = []
+    for name, m in ft.items():
+        b = base.get(name, {})
+        row = [name, m.get("n")]
+        for c in columns:
+            row += [m.get(c), b.get(c) if b else None]
+        rows.append(row)
+    header = [group, "n"] + [f"{c} {side}" for c in columns for side in ("ft", "base")]
+    return [f"#### By {group}", "", *table(header, rows)]
+
+
+def write_report(path: Path, metrics: dict[str, Any], plot_paths: Sequence[str]) -> Path:
+    meta = metrics.get("meta", {})
+    lines = ["# Evaluation report", ""]
+    n = meta.get("n_examples", {})
+    if n:
+        lines += [
+            "Test examples: "
+            + ", ".join(f"{k} {v}" for k, v in n.items())
+            + (f" (capped at {meta['max_examples']} per task)" if meta.get("max_examples") else ""),
+            "",
+        ]
+    if meta.get("base_models"):
+        lines += ["Base models: " + ", ".join(f"{k}: `{v}`" for k, v in meta["base_models"].items()), ""]
+
+    fc = metrics.get("function_calling", {})
+    lines += ["## Function calling", ""]
+    lines += _compare(fc, FC_COLUMNS, fc.get("delta"))
+    for group in ("dialect", "domain"):
+        lines += _groups(fc, group, ("tool_name_accuracy", "exact_match"))
+    for p in plot_paths:
+        if p.endswith(("fc_by_dialect.png", "fc_by_domain.png")):
+            lines += [f"![{Path(p).stem}]({p})", ""]
+
+    ex = metrics.get("extractor", {})
+    lines += ["## Equation extractor", ""]
+    lines += _compare(ex, EXTRACTOR_COLUMNS, ex.get("delta"))
+    lines += _groups(ex, "line_type", EXTRACTOR_COLUMNS)
+
+    cl = metrics.get("classifier", {}).get("fine_tuned")
+    if cl and cl.get("n"):
+        lines += [
+            "## Classifier",
+            "",
+            f"Threshold {cl['threshold']:.4f} (maximizes {cl.get('threshold_metric')} on "
+            f"{cl.get('threshold_source')}), applied to test.",
+            "",
+        ]
+        lines += table(
+            ["n", "accuracy", "macro_f1", "roc_auc"],
+            [[cl["n"], cl["accuracy"], cl["macro_f1"], cl["roc_auc"]]],
+        )
+        lines += table(
+            ["class", "precision", "recall", "f1", "support"],
+            [[k, v["precision"], v["recall"], v["f1"], v["support"]] for k, v in cl["per_class"].items()],
+        )
+        lines += [
+            f"![classifier confusion]({p})" for p in plot_paths if p.endswith("classifier_confusion.png")
+        ]
+        lines += [""]
+
+    v = metrics.get("verdict", {})
+    lines += ["## Two-stage math verdict", ""]
+    if v.get("n"):
+        lines += [
+            f"{v['n']} solutions, {v.get('n_lines')} lines, {v.get('n_equations')} extracted equations. "
+            "Any false equation gives computational_error, else the classifier decides "
+            "(correct / conceptual_error).",
+            "",
+        ]
+        lines += table(
+            ["n", "accuracy", "macro_f1", "weighted_f1"],
+            [[v["n"], v["accuracy"], v["macro_f1"], v["weighted_f1"]]],
+        )
+        lines += table(
+            ["class", "precision", "recall", "f1", "support"],
+            [[k, x["precision"], x["recall"], x["f1"], x["support"]] for k, x in v["per_class"].items()],
+        )
+        lines += [f"![verdict confusion]({p})" for p in plot_paths if p.endswith("verdict_confusion.png")]
+        lines += [""]
+    else:
+        lines += ["No solutions to judge.", ""]
+
+    lines += ["## Training loss", ""]
+    lines += [f"![training loss]({p})" for p in plot_paths if p.endswith("train_loss.png")]
+    lines += [""]
+    if meta.get("seconds"):
+        lines += ["## Timings (s)", ""]
+        lines += table(["step", "seconds"], [[k, v] for k, v in meta["seconds"].items()])
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
