@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows = summarize(results, flow_run_id)
         except Exception as e:  # a failed node: report which one, and what finished before it
             error = f"{type(e).__name__}: {e}"
-            rows = _partial_rows(cfg, flow_run_id)
+            rows = _partial_rows(cfg, t0)
     out = {
         "ok": error is None,
         "profile": cfg.profile,
@@ -162,18 +162,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if error is None else 1
 
 
-def _partial_rows(cfg: PipelineConfig, flow_run_id: str) -> list[dict[str, Any]]:
-    """After a failure: every node with its key; those with an artifact made by this run are `ran`,
-    other existing ones `cached`, the rest `failed` (the failing node and what it blocked)."""
+def _partial_rows(cfg: PipelineConfig, started: float) -> list[dict[str, Any]]:
+    """After a failure: every node with its key; an artifact finished during this run is `ran`, an
+    older one `cached`, a missing one `failed` (the failing node and what it blocked)."""
     from dagtune.pipeline import node_status
 
     rows = []
     for r in node_status(cfg):
-        status = "failed"
+        status, seconds = "failed", 0.0
         if r["exists"]:
-            status = "cached"
+            finished = time.time() - r["age_seconds"]
+            status = "ran" if finished >= started else "cached"
         rows.append(
-            {"name": r["name"], "status": status, "seconds": 0.0, "key": r["key"], "artifact": r["artifact"]}
+            {
+                "name": r["name"],
+                "status": status,
+                "seconds": seconds,
+                "key": r["key"],
+                "artifact": r["artifact"],
+            }
         )
     return rows
 

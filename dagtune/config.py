@@ -57,9 +57,12 @@ class RuntimeConfig(Section):
     )
     max_parallel_training: int = F(
         1,
-        "How many training nodes may run at once. Keep 1 on a single GPU (they queue); on CPU the tiny "
-        "models are small enough to overlap.",
+        "How many model-loading nodes (training, evaluate, convert_gguf) may run at once; the others queue. "
+        "Keep 1 on a single GPU. Nodes run as threads of one process, and transformers/accelerate model "
+        "loading patches torch globally (seen here: 'Cannot copy out of meta tensor' with two loads at "
+        "once), so more than 1 needs one process per node, which this version does not do.",
         ge=1,
+        le=1,
     )
 
 
@@ -238,7 +241,20 @@ class TrainCommon(Section):
     gradient_checkpointing: bool = F(
         True, "Gradient checkpointing ('unsloth' flavour on the unsloth backend)."
     )
-    packing: bool = F(False, "Padding-free packing of several examples per row (loss masking preserved).")
+    packing: bool = F(
+        False,
+        "SFT nodes: padding-free packing. Each optimizer step still takes batch_size * grad_accum examples "
+        "(the same shuffled groups as unpacked), laid end to end in one row per micro-batch with position ids "
+        "restarting per example (varlen attention on the unsloth backend, a block-diagonal mask on hf); the "
+        "loss stays the token mean over the step's completion tokens, so per-example weighting is unchanged. "
+        "The micro-batch count per step follows from packed_tokens_per_batch. The classifier ignores it.",
+    )
+    packed_tokens_per_batch: int = F(
+        16384,
+        "packing: most tokens in one packed micro-batch (raised to max_seq_length if smaller). A step whose "
+        "examples hold more is split into several micro-batches, balanced by tokens (gradient accumulation).",
+        ge=16,
+    )
     log_every: int = F(10, "Log loss, learning rate, grad norm and tokens/s every N optimizer steps.", ge=1)
     checkpoint_every: int = F(50, "Save a resumable checkpoint every N optimizer steps.", ge=1)
     seed: int = F(3407, "Training seed.", ge=0)
@@ -366,7 +382,9 @@ class RegisterConfig(Section):
         "Env override: MLFLOW_TRACKING_URI.",
     )
     experiment: str = F("dagtune", "MLflow experiment name.")
-    gguf_max_tokens: int = F(256, "Default max new tokens of the registered GGUF pyfunc models' predict.", ge=1)
+    gguf_max_tokens: int = F(
+        256, "Default max new tokens of the registered GGUF pyfunc models' predict.", ge=1
+    )
     auto_promote: bool = F(True, "Move the champion alias when the gate passes.")
     retries: int = F(4, "Retries with exponential backoff when the tracking server is unreachable.", ge=0)
     backoff_seconds: float = F(1.0, "First wait between retries; doubles each retry (capped at 30 s).", ge=0)

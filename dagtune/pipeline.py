@@ -62,7 +62,7 @@ class Node:
     module: str  # "dagtune.data.node:build": imported lazily so `status` never loads torch
     # Extra key inputs the section alone doesn't capture (source file hashes, resolved backend, ...).
     extra_inputs: str | None = None
-    # Training nodes take one of runtime.max_parallel_training slots: on one GPU they queue.
+    # Nodes that load models take one of runtime.max_parallel_training slots: on one GPU they queue.
     needs_training_slot: bool = False
 
     def load(self, attr: str) -> Callable[..., Any]:
@@ -103,6 +103,7 @@ NODES: dict[str, Node] = {
             "1",
             ("prepare_data", "train_function_calling", "train_extractor", "train_classifier"),
             "dagtune.evaluation.node:build",
+            needs_training_slot=True,
         ),
         Node(
             "convert_gguf",
@@ -110,6 +111,7 @@ NODES: dict[str, Node] = {
             ("prepare_data", "train_function_calling", "train_extractor"),
             "dagtune.gguf.node:build",
             "dagtune.gguf.node:key_inputs",
+            needs_training_slot=True,
         ),
         Node(
             "register",

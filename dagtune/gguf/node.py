@@ -37,6 +37,20 @@ def _prompts(data_dir: Path, task: str, n: int) -> list[str]:
     return df["prompt"].head(n).tolist()
 
 
+def _base_dir(ctx: NodeContext, train_node: str) -> Path:
+    """The base model's directory: its SentencePiece ``tokenizer.model`` (which a merge through
+    transformers 5 does not write) is what llama.cpp's Gemma converter builds the vocab from."""
+    from dagtune.models import resolve_model
+
+    name = ctx.upstream[train_node].manifest()["inputs"]["config"]["model"]["name"]
+    path = Path(resolve_model(name, ctx.store))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, local_files_only=True))  # downloaded when the node trained
+
+
 def build(ctx: NodeContext) -> dict[str, Any]:
     from dagtune.gguf import convert_hf_to_gguf, parity_check, quantize
 
@@ -52,7 +66,8 @@ def build(ctx: NodeContext) -> dict[str, Any]:
         out_dir = ctx.out / model
         out_dir.mkdir(parents=True)
         base_file = ctx.scratch / f"{model}.{cfg.outtype}.gguf"
-        conv = convert_hf_to_gguf(merged, base_file, outtype=cfg.outtype)
+        tok_source = None if (merged / "tokenizer.model").is_file() else _base_dir(ctx, train_node)
+        conv = convert_hf_to_gguf(merged, base_file, outtype=cfg.outtype, tokenizer_source=tok_source)
         prompts = _prompts(data_dir, task, cfg.parity_prompts)
         files: dict[str, Any] = {}
         for qtype in cfg.quantizations:
@@ -61,7 +76,7 @@ def build(ctx: NodeContext) -> dict[str, Any]:
                 shutil.copyfile(base_file, target)
                 q = {"qtype": qtype, "seconds": 0.0}
             elif qtype in ("f16", "bf16"):
-                q = convert_hf_to_gguf(merged, target, outtype=qtype)
+                q = convert_hf_to_gguf(merged, target, outtype=qtype, tokenizer_source=tok_source)
             else:
                 q = quantize(base_file, target, qtype)
             parity = parity_check(
