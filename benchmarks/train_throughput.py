@@ -45,6 +45,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -130,7 +131,11 @@ MODELS: dict[str, dict] = {
             "vocab_size": 200064,
             "max_position_embeddings": 131072,
             "original_max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10_000.0,
+                "partial_rotary_factor": 0.75,
+            },
             "hidden_act": "silu",
             "rms_norm_eps": 1e-5,
             "tie_word_embeddings": True,
@@ -140,10 +145,22 @@ MODELS: dict[str, dict] = {
 
 # Scaled-down shapes for checking the harness on a CPU (--tiny).
 TINY_OVERRIDES = {
-    "gemma3": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "head_dim": 32,
-               "query_pre_attn_scalar": 32, "vocab_size": 4096},
-    "phi3": {"hidden_size": 96, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 4096},
+    "gemma3": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "vocab_size": 4096,
+    },
+    "phi3": {
+        "hidden_size": 96,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 4096,
+    },
 }
 
 # The issue's reference table (H100 80GB): tok/s and peak GiB, "oom" where the loop ran out of memory.
@@ -208,8 +225,12 @@ def _minimal_tokenizer(out_dir: Path, family: str, n: int = 512):
         kw = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
     else:
         specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"]
-        kw = {"pad_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-              "unk_token": "<|endoftext|>"}
+        kw = {
+            "pad_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "bos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+        }
     vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(n - len(specials))])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=kw["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -237,7 +258,9 @@ def build_tokenizer(out_dir: Path, spec: dict) -> tuple[object, str]:
         return tok, f"minimal word-level ({type(e).__name__}: {str(e)[:120]})"
 
 
-def build_model_dir(model: str, out_dir: Path, tiny: bool, device: str, tokenizer_cache: str | None = None) -> dict:
+def build_model_dir(
+    model: str, out_dir: Path, tiny: bool, device: str, tokenizer_cache: str | None = None
+) -> dict:
     import torch
 
     spec = MODELS[model]
@@ -259,7 +282,11 @@ def build_model_dir(model: str, out_dir: Path, tiny: bool, device: str, tokenize
         cfg.update(TINY_OVERRIDES[spec["family"]])
     if len(tok) > cfg["vocab_size"]:
         raise RuntimeError(f"tokenizer ({len(tok)}) larger than the vocabulary ({cfg['vocab_size']})")
-    ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    ids = {
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
     if spec["family"] == "gemma3":
         from transformers import Gemma3ForCausalLM as cls
         from transformers import Gemma3TextConfig
@@ -279,8 +306,14 @@ def build_model_dir(model: str, out_dir: Path, tiny: bool, device: str, tokenize
     del m
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    meta = {"model": model, "params": int(n_params), "vocab_size": cfg["vocab_size"], "tokenizer": tok_kind,
-            "tokenizer_size": len(tok), "build_s": round(time.perf_counter() - t0, 1)}
+    meta = {
+        "model": model,
+        "params": int(n_params),
+        "vocab_size": cfg["vocab_size"],
+        "tokenizer": tok_kind,
+        "tokenizer_size": len(tok),
+        "build_s": round(time.perf_counter() - t0, 1),
+    }
     (out_dir / "bench_model.json").write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -302,8 +335,13 @@ def _batches(n: int, batch: int, seq: int, vocab: int, device: str, low: int = 8
     out = []
     for _ in range(n):
         ids = torch.randint(low, vocab, (batch, seq), generator=g)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": ids.clone().to(device)})
+        out.append(
+            {
+                "input_ids": ids.to(device),
+                "attention_mask": torch.ones_like(ids).to(device),
+                "labels": ids.clone().to(device),
+            }
+        )
     return out
 
 
@@ -383,14 +421,23 @@ def run_hf(case: dict, device: str) -> dict:
     if case["four_bit"]:
         raise RuntimeError("hf: 4-bit loading is not part of the plain baseline")
     model = AutoModelForCausalLM.from_pretrained(
-        case["model_dir"], dtype=torch.bfloat16, attn_implementation="sdpa", local_files_only=True,
+        case["model_dir"],
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        local_files_only=True,
         device_map=device if device.startswith("cuda") else None,
     ).to(device)
     model.config.use_cache = False
     if case["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lcfg = LoraConfig(r=case["lora_r"], lora_alpha=case["lora_alpha"], lora_dropout=0.0, bias="none",
-                      target_modules=case["target_modules"], task_type="CAUSAL_LM")
+    lcfg = LoraConfig(
+        r=case["lora_r"],
+        lora_alpha=case["lora_alpha"],
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=case["target_modules"],
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lcfg)
     res = _run_loop(model, case, device)
     res["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__}
@@ -423,7 +470,11 @@ def run_node(case: dict, device: str) -> dict:
         timed_steps=case["steps"],
         backend=case.get("node_backend", "unsloth"),
     )
-    out = {"step_times_s": list(r["step_times_s"]), "tokens": int(r["tokens"]), "hook": f"{mod_name}.{fn_name}"}
+    out = {
+        "step_times_s": list(r["step_times_s"]),
+        "tokens": int(r["tokens"]),
+        "hook": f"{mod_name}.{fn_name}",
+    }
     if "peak_allocated_bytes" in r:
         out["peak_allocated_bytes"] = int(r["peak_allocated_bytes"])
         out["peak_reserved_bytes"] = int(r.get("peak_reserved_bytes", r["peak_allocated_bytes"]))
@@ -440,6 +491,7 @@ def child_main(case: dict) -> dict:
     device = case["device"]
     t0 = time.perf_counter()
     impl = case["impl"]
+    base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     try:
         fn = {"unsloth": run_unsloth, "hf": run_hf, "node": run_node}[impl]
         res = fn(case, device)
@@ -460,6 +512,9 @@ def child_main(case: dict) -> dict:
             res.setdefault("peak_reserved_bytes", torch.cuda.max_memory_reserved())
             res["peak_allocated_gib"] = round(res["peak_allocated_bytes"] / GIB, 2)
             res["peak_reserved_gib"] = round(res["peak_reserved_bytes"] / GIB, 2)
+            # Left over by an earlier case of a shared process (--share-process); 0 in a fresh one.
+            res["baseline_allocated_gib"] = round(base / GIB, 2)
+            res["peak_over_baseline_gib"] = round((res["peak_allocated_bytes"] - base) / GIB, 2)
     elif device.startswith("cuda"):
         res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
     if device.startswith("cuda"):
@@ -479,16 +534,30 @@ def device_info(device: str) -> dict:
     info = {"python": platform.python_version(), "host": platform.node()}
     if device.startswith("cuda"):
         try:
-            q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            q = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             name, mem, driver = [x.strip() for x in q.stdout.strip().splitlines()[0].split(",")]
             info.update(device=name, device_memory=mem, driver=driver)
         except Exception as e:
             info["device"] = f"cuda (nvidia-smi failed: {e})"
     else:
         info["device"] = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    for mod in ("torch", "transformers", "peft", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes",
-                "xformers", "trl", "datasets"):
+    for mod in (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "unsloth",
+        "unsloth_zoo",
+        "bitsandbytes",
+        "xformers",
+        "trl",
+        "datasets",
+    ):
         try:
             info[mod] = version(mod)
         except Exception:
@@ -508,11 +577,24 @@ def plan(args) -> list[dict]:
             maybe = impl + "?"
             if impl not in allowed and maybe not in allowed:
                 continue
-            c = {"model": model, "impl": impl, "ckpt": ckpt, "four_bit": four_bit, "batch": batch,
-                 "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "lora_r": args.lora_r,
-                 "lora_alpha": args.lora_alpha, "target_modules": MODELS[model]["target_modules"],
-                 "device": args.device, "node_backend": args.node_backend}
+            c = {
+                "model": model,
+                "impl": impl,
+                "ckpt": ckpt,
+                "four_bit": four_bit,
+                "batch": batch,
+                "seq": args.seq,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "lora_r": args.lora_r,
+                "lora_alpha": args.lora_alpha,
+                "target_modules": MODELS[model]["target_modules"],
+                "device": args.device,
+                "node_backend": args.node_backend,
+            }
             c["key"] = case_key(model, ckpt, four_bit, batch)
+            if args.keys and c["key"] not in args.keys.split(","):
+                continue
             if maybe in allowed and not args.try_expected_oom:
                 c["skip"] = "expected OOM (reference table); --try-expected-oom runs it"
             cases.append(c)
@@ -527,11 +609,13 @@ def write(out_path: Path, doc: dict) -> None:
 
 
 def summary_table(results: list[dict]) -> str:
-    lines = [f"{'case':40s} {'impl':8s} {'status':14s} {'tok/s':>9s} {'step s':>7s} {'peakGiB':>8s} "
-             f"{'resGiB':>7s} {'ref tok/s':>9s} {'refGiB':>6s}"]
+    lines = [
+        f"{'case':40s} {'impl':8s} {'status':14s} {'tok/s':>9s} {'step s':>7s} {'peakGiB':>8s} "
+        f"{'resGiB':>7s} {'ref tok/s':>9s} {'refGiB':>6s}"
+    ]
     for r in results:
         ref = REFERENCE.get(r["key"], {}).get(r["impl"])
-        rt, rg = (ref if isinstance(ref, tuple) else (ref or "-", "-"))
+        rt, rg = ref if isinstance(ref, tuple) else (ref or "-", "-")
         lines.append(
             f"{r['key']:40s} {r['impl']:8s} {r['status'][:14]:14s} {r.get('tokens_per_s', '-')!s:>9s} "
             f"{r.get('step_s_median', '-')!s:>7s} {r.get('peak_allocated_gib', '-')!s:>8s} "
@@ -545,6 +629,11 @@ def main() -> None:
     ap.add_argument("--impl", default="node,unsloth,hf", help="comma list of node, unsloth, hf")
     ap.add_argument("--preset", default="priority", choices=sorted(PRESETS))
     ap.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)} (default all)")
+    ap.add_argument(
+        "--keys",
+        default=None,
+        help="comma list of case keys to run (e.g. functiongemma-270m|ckpt|16bit|b16); default all",
+    )
     ap.add_argument("--batch", type=int, default=None, help="override every case's batch size")
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=3)
@@ -558,16 +647,34 @@ def main() -> None:
     ap.add_argument("--model-root", default=None, help="where model dirs are built (default: a temp dir)")
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
-    ap.add_argument("--deadline-s", type=float, default=None,
-                    help="kill a running case at this many seconds (default: budget + case timeout)")
-    ap.add_argument("--tokenizer-cache", default=None,
-                    help="folder of prebuilt tokenizers (<folder>/<model>/), from --prebuild-tokenizers")
-    ap.add_argument("--prebuild-tokenizers", default=None, metavar="DIR",
-                    help="only build the three tokenizers into DIR (CPU) and exit")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="kill a running case at this many seconds (default: budget + case timeout)",
+    )
+    ap.add_argument(
+        "--tokenizer-cache",
+        default=None,
+        help="folder of prebuilt tokenizers (<folder>/<model>/), from --prebuild-tokenizers",
+    )
+    ap.add_argument(
+        "--prebuild-tokenizers",
+        default=None,
+        metavar="DIR",
+        help="only build the three tokenizers into DIR (CPU) and exit",
+    )
     ap.add_argument("--case-timeout-s", type=float, default=300)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_throughput.json"))
     ap.add_argument("--log", default=None, help="children's output (default: next to --out)")
+    ap.add_argument(
+        "--share-process",
+        action="store_true",
+        help="run every unsloth/node case in ONE child process, in plan order (saves Unsloth's "
+        "import and compile per case, ~75 s each on an H100); hf cases keep their own",
+    )
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_children", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_build", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -576,8 +683,25 @@ def main() -> None:
         res = child_main(case)
         print("RESULT_JSON: " + json.dumps(res), flush=True)
         return
+    if args._children:
+        import gc
+
+        for i, case in enumerate(json.loads(Path(args._children).read_text())):
+            res = child_main(case)
+            print(f"RESULT_JSON[{i}]: " + json.dumps(res), flush=True)
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:
+                pass
+        return
     if args._build:
-        meta = build_model_dir(args._build[0], Path(args._build[1]), args.tiny, args.device, args.tokenizer_cache)
+        meta = build_model_dir(
+            args._build[0], Path(args._build[1]), args.tiny, args.device, args.tokenizer_cache
+        )
         print("RESULT_JSON: " + json.dumps(meta), flush=True)
         return
     if args.prebuild_tokenizers:
@@ -596,7 +720,9 @@ def main() -> None:
     log_path = Path(args.log) if args.log else out_path.with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a")
-    root = Path(args.model_root or os.environ.get("TMPDIR", "/tmp")) / ("dagtune_bench_models" + ("_tiny" if args.tiny else ""))
+    root = Path(args.model_root or os.environ.get("TMPDIR", "/tmp")) / (
+        "dagtune_bench_models" + ("_tiny" if args.tiny else "")
+    )
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -610,17 +736,25 @@ def main() -> None:
         "benchmark": "train_throughput",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "env": device_info(args.device),
-        "setup": {"seq_len": args.seq, "warmup_steps": args.warmup, "timed_steps": args.steps,
-                  "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0},
-                  "optimizer": "torch AdamW (fused on CUDA), lr 1e-4", "dtype": "bfloat16",
-                  "tiny_shapes": args.tiny, "preset": args.preset,
-                  "tokens_per_s": "non-pad tokens of the timed steps / their summed wall time",
-                  "peak": "torch.cuda.max_memory_allocated / _reserved, reset after model load",
-                  "classifier_note": "phi-4-mini unsloth/hf rows use the causal-LM loss (200k-vocab logits); "
-                                     "the project's classifier uses a linear head on the last non-pad token"},
+        "setup": {
+            "seq_len": args.seq,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0},
+            "optimizer": "torch AdamW (fused on CUDA), lr 1e-4",
+            "dtype": "bfloat16",
+            "tiny_shapes": args.tiny,
+            "preset": args.preset,
+            "tokens_per_s": "non-pad tokens of the timed steps / their summed wall time",
+            "peak": "torch.cuda.max_memory_allocated / _reserved, reset after model load",
+            "classifier_note": "phi-4-mini unsloth/hf rows use the causal-LM loss (200k-vocab logits); "
+            "the project's classifier uses a linear head on the last non-pad token",
+        },
         "models": {},
-        "reference_h100": {k: {i: (list(v) if isinstance(v, tuple) else v) for i, v in d.items()}
-                           for k, d in REFERENCE.items()},
+        "reference_h100": {
+            k: {i: (list(v) if isinstance(v, tuple) else v) for i, v in d.items()}
+            for k, d in REFERENCE.items()
+        },
         "results": [],
     }
     print(f"device: {doc['env'].get('device')}; {len(cases)} cases; log {log_path}", flush=True)
@@ -635,13 +769,55 @@ def main() -> None:
             return float("inf")
         return max(args.deadline_s - (time.perf_counter() - t_start), 1.0)
 
+    def children(cases_: list[dict], timeout: float) -> list[dict]:
+        """One process for several cases; what it printed before a kill still counts."""
+        spec_path = Path(tempfile.mkdtemp(prefix="dagtune-tt-")) / "cases.json"
+        spec_path.write_text(json.dumps(cases_))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_children", str(spec_path)]
+        log.write(f"\n===== shared process: {len(cases_)} cases\n")
+        log.flush()
+        # Straight into the log as it runs: a run cut off from outside still leaves each finished
+        # case's RESULT_JSON line there.
+        start = log.tell()
+        timed_out = False
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            timed_out = True
+            log.write("\n===== timed out\n")
+        log.flush()
+        with open(log_path) as f:
+            f.seek(start)
+            output = f.read()
+        got: dict[int, dict] = {}
+        for line in output.splitlines():
+            if line.startswith("RESULT_JSON[") and "]: " in line:
+                head, body = line.split("]: ", 1)
+                got[int(head[len("RESULT_JSON[") :])] = json.loads(body)
+        tail = " | ".join(output.strip().splitlines()[-3:])[-400:]
+        miss = {
+            "status": "timeout" if timed_out else "error",
+            "error": "shared process " + ("timed out" if timed_out else f"ended early: {tail}"),
+        }
+        return [got.get(i, dict(miss)) for i in range(len(cases_))]
+
     def child(argv: list[str], timeout: float) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
         log.write(f"\n===== {' '.join(argv)[:300]}\n")
         log.flush()
         try:
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               timeout=timeout, env=env, cwd=str(ROOT))
+            p = subprocess.run(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+                env=env,
+                cwd=str(ROOT),
+            )
             output, rc = p.stdout, p.returncode
         except subprocess.TimeoutExpired as e:
             output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -652,12 +828,63 @@ def main() -> None:
         log.flush()
         for line in reversed(output.splitlines()):
             if line.startswith("RESULT_JSON: "):
-                return json.loads(line[len("RESULT_JSON: "):])
+                return json.loads(line[len("RESULT_JSON: ") :])
         tail = " | ".join(output.strip().splitlines()[-3:])[-400:]
         return {"status": "error", "error": f"child exited {rc} without a result: {tail}"}
 
     built: dict[str, dict] = {}
-    for c in cases:
+    shared: dict[int, dict] = {}
+    if args.share_process:
+        # Build every model first (own processes), then run the unsloth/node cases in one process.
+        todo = [(i, c) for i, c in enumerate(cases) if "skip" not in c and c["impl"] in ("unsloth", "node")]
+        for _, c in todo:
+            mdir = root / c["model"]
+            if c["model"] in built:
+                continue
+            if (mdir / "bench_model.json").is_file() and (mdir / "config.json").is_file():
+                built[c["model"]] = json.loads((mdir / "bench_model.json").read_text())
+            else:
+                t0 = time.perf_counter()
+                built[c["model"]] = child(
+                    ["--_build", c["model"], str(mdir), "--device", args.device]
+                    + (["--tiny"] if args.tiny else [])
+                    + (["--tokenizer-cache", args.tokenizer_cache] if args.tokenizer_cache else []),
+                    timeout=min(300, until_deadline()),
+                )
+                print(
+                    f"built {c['model']}: {json.dumps(built[c['model']])[:300]} "
+                    f"({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
+        todo = [
+            (i, dict(c, model_dir=str(root / c["model"])))
+            for i, c in todo
+            if built[c["model"]].get("status") not in ("error", "timeout")
+        ]
+        if todo:
+            t0 = time.perf_counter()
+            res = children(
+                [c for _, c in todo], timeout=min(args.case_timeout_s * len(todo), until_deadline())
+            )
+            shared = {i: r for (i, _), r in zip(todo, res, strict=True)}
+            print(f"shared process: {len(todo)} cases in {time.perf_counter() - t0:.0f}s", flush=True)
+    for idx, c in enumerate(cases):
+        if idx in shared:
+            rec = {k: c[k] for k in ("key", "model", "impl", "ckpt", "four_bit", "batch", "seq")}
+            rec.update(shared[idx])
+            doc["models"][c["model"]] = built[c["model"]]
+            rec.pop("step_times_s", None) if rec.get("status") != "ok" else None
+            doc["results"].append(rec)
+            doc["wall_s"] = round(time.perf_counter() - t_start, 1)
+            write(out_path, doc)
+            print(
+                f"{rec['key']:40s} {rec['impl']:8s} {rec['status']:14s} tok/s={rec.get('tokens_per_s', '-')} "
+                f"step={rec.get('step_s_median', '-')}s peak={rec.get('peak_allocated_gib', '-')}/"
+                f"{rec.get('peak_reserved_gib', '-')}GiB base={rec.get('baseline_allocated_gib', '-')} "
+                f"{(rec.get('error') or '')[:200]}",
+                flush=True,
+            )
+            continue
         rec = {k: c[k] for k in ("key", "model", "impl", "ckpt", "four_bit", "batch", "seq")}
         if "skip" in c:
             rec.update(status="skipped", error=c["skip"])
@@ -670,12 +897,16 @@ def main() -> None:
                     built[c["model"]] = json.loads((mdir / "bench_model.json").read_text())
                 else:
                     t0 = time.perf_counter()
-                    meta = child(["--_build", c["model"], str(mdir), "--device", args.device]
-                                 + (["--tiny"] if args.tiny else [])
-                                 + (["--tokenizer-cache", args.tokenizer_cache] if args.tokenizer_cache else []),
-                                 timeout=min(300, until_deadline()))
-                    print(f"built {c['model']}: {json.dumps(meta)[:300]} ({time.perf_counter() - t0:.0f}s)",
-                          flush=True)
+                    meta = child(
+                        ["--_build", c["model"], str(mdir), "--device", args.device]
+                        + (["--tiny"] if args.tiny else [])
+                        + (["--tokenizer-cache", args.tokenizer_cache] if args.tokenizer_cache else []),
+                        timeout=min(300, until_deadline()),
+                    )
+                    print(
+                        f"built {c['model']}: {json.dumps(meta)[:300]} ({time.perf_counter() - t0:.0f}s)",
+                        flush=True,
+                    )
                     built[c["model"]] = meta
                 doc["models"][c["model"]] = built[c["model"]]
             if built[c["model"]].get("status") in ("error", "timeout"):
@@ -688,10 +919,13 @@ def main() -> None:
         doc["results"].append(rec)
         doc["wall_s"] = round(time.perf_counter() - t_start, 1)
         write(out_path, doc)
-        print(f"{rec['key']:40s} {rec['impl']:8s} {rec['status']:14s} tok/s={rec.get('tokens_per_s', '-')} "
-              f"step={rec.get('step_s_median', '-')}s peak={rec.get('peak_allocated_gib', '-')}/"
-              f"{rec.get('peak_reserved_gib', '-')}GiB wall={rec.get('case_wall_s', '-')}s "
-              f"{(rec.get('error') or '')[:200]}", flush=True)
+        print(
+            f"{rec['key']:40s} {rec['impl']:8s} {rec['status']:14s} tok/s={rec.get('tokens_per_s', '-')} "
+            f"step={rec.get('step_s_median', '-')}s peak={rec.get('peak_allocated_gib', '-')}/"
+            f"{rec.get('peak_reserved_gib', '-')}GiB wall={rec.get('case_wall_s', '-')}s "
+            f"{(rec.get('error') or '')[:200]}",
+            flush=True,
+        )
 
     if not args.keep_models and args.model_root is None:
         shutil.rmtree(root, ignore_errors=True)

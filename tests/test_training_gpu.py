@@ -91,3 +91,81 @@ def test_unsloth_backend_classifier(tmp_path):
 
     torch.testing.assert_close(model.logits(ref["texts"]), torch.tensor(ref["logits"]), atol=0.1, rtol=0.1)
     assert prepared_data()  # the same data as the CPU tests
+
+
+# ----------------------------------------------------------------------------------------------
+# the unsloth path in detail: response-only labels, LoRA-only updates on a 4-bit base, packing
+# ----------------------------------------------------------------------------------------------
+def _unsloth_setup(tmp_path, **updates):
+    sec = tiny_section("train_function_calling", optim={"max_steps": 3}, model={"load_in_4bit": True},
+                       **{**GPU, **updates})  # fmt: skip
+    ctx = make_ctx(
+        tmp_path, "train_function_calling", sec, runtime=RuntimeConfig(device="cuda", backend="unsloth")
+    )
+    return ctx, sft.setup(ctx, sft.FUNCTION_CALLING, "cuda")
+
+
+def _reference_labels(tok, max_len: int) -> dict[tuple, list[int]]:
+    import pandas as pd
+
+    df = pd.read_parquet(prepared_data().dir / "function_calling" / "train.parquet")
+    rows, _ = sft.tokenize_prompt_completion(tok, df["prompt"], df["completion"], max_len)
+    return {tuple(r["input_ids"]): sft.with_labels(r)["labels"] for r in rows}
+
+
+@pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")
+def test_unsloth_response_only_labels_match_completion_mask(tmp_path):
+    """train_on_responses_only (turn markers) labels exactly the completion tokens, like the hf path."""
+    _, run = _unsloth_setup(tmp_path)
+    ref = _reference_labels(run.loaded.tokenizer, tiny_section("train_function_calling").model.max_seq_length)
+    ds = run.trainer.train_dataset
+    assert len(ds) == run.n_train
+    for i in range(min(32, len(ds))):
+        ids, labels = tuple(ds[i]["input_ids"]), list(ds[i]["labels"])
+        assert labels == ref[ids], i
+
+
+@pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")
+def test_unsloth_4bit_lora_only_updates(tmp_path):
+    import torch
+
+    _, run = _unsloth_setup(tmp_path)
+    model = run.trainer.model
+    assert run.loaded.quantized and any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    run.trainer.train()
+    for n, p in model.named_parameters():
+        if n in lora:
+            if "lora_B" in n:
+                assert not torch.equal(p, before[n]), f"{n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"base weight {n} changed"
+
+
+@pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")
+def test_unsloth_packed_sft_uses_varlen_attention(tmp_path):
+    """packing: true on the unsloth backend: 8 examples per step in padding-free rows, the labels of the
+    completion mask, and Unsloth's varlen attention (not SDPA over the dense block mask) in the forward."""
+    import math
+
+    from unsloth.utils.hf_packed_attention import HF_PACKED_ATTENTION_STATS
+
+    ctx, run = _unsloth_setup(tmp_path, packing=True, packed_tokens_per_batch=1024,
+                         optim={"max_steps": 3, "batch_size": 4, "grad_accum": 2})  # fmt: skip
+    assert run.stats["packing"] and run.stats["packing_varlen_attention"]
+    ref = _reference_labels(run.loaded.tokenizer, tiny_section("train_function_calling").model.max_seq_length)
+    item = run.trainer.train_dataset[0]
+    batch = run.trainer.data_collator([item])
+    assert "attention_mask" not in batch and batch["packed_seq_lengths"].tolist() == item["seq_lengths"]
+    start = 0
+    for n in item["seq_lengths"]:
+        ids = tuple(batch["input_ids"][0, start : start + n].tolist())
+        assert batch["labels"][0, start : start + n].tolist() == ref[ids]
+        assert batch["position_ids"][0, start : start + n].tolist() == list(range(n))
+        start += n
+    fast0 = HF_PACKED_ATTENTION_STATS["fast"]
+    m = sft.train(ctx, run)
+    assert m["steps"] == 3 and math.isfinite(m["train_loss"])
+    assert HF_PACKED_ATTENTION_STATS["fast"] > fast0, dict(HF_PACKED_ATTENTION_STATS)

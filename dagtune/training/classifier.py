@@ -259,7 +259,10 @@ def make_optimizer(params: list[Any], optim: Any, device: str) -> Any:
 
     name = C.resolve_optimizer(optim.optimizer, device)
     if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+        # fused on CUDA: one kernel for all the LoRA tensors (same update as the per-tensor loop)
+        return torch.optim.AdamW(
+            params, lr=optim.learning_rate, weight_decay=optim.weight_decay, fused=device == "cuda"
+        )
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
@@ -319,7 +322,10 @@ def _evaluate(
     }
 
 
-def _train_classifier(ctx: Any, device: str) -> dict[str, Any]:
+def _train_classifier(ctx: Any, device: str, bench: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The node. ``bench`` (benchmark_train_steps only): token ids and labels instead of the parquet
+    files, a ``C.StepTimer`` told when training begins and each optimizer step ends, and a return right
+    after the training loop (no final evaluation, no artifact)."""
     import contextlib
 
     import torch
@@ -336,9 +342,10 @@ def _train_classifier(ctx: Any, device: str) -> dict[str, Any]:
     t0 = time.time()
 
     # -- setup ----------------------------------------------------------------------------------
-    data_dir = ctx.upstream["prepare_data"].dir
-    train_df = C.read_split(data_dir, "classifier", "train")
-    val_df = C.read_split(data_dir, "classifier", "validation")
+    if bench is None:
+        data_dir = ctx.upstream["prepare_data"].dir
+        train_df = C.read_split(data_dir, "classifier", "train")
+        val_df = C.read_split(data_dir, "classifier", "validation")
     loaded = C.load_lora_model(
         cfg, backend, device, ctx.store, unsloth_loader="FastLanguageModel", task_type=None
     )
@@ -356,11 +363,15 @@ def _train_classifier(ctx: Any, device: str) -> dict[str, Any]:
     trainable, total_params = C.count_parameters(model)
 
     max_len = cfg.model.max_seq_length
-    full_lens = [len(x) for x in encode(tok, list(train_df["prompt"]), None)]
-    train_enc = encode(tok, list(train_df["prompt"]), max_len)
-    val_enc = encode(tok, list(val_df["prompt"]), max_len)
-    y_train = [int(v) for v in train_df["label"]]
-    y_val = [int(v) for v in val_df["label"]]
+    if bench is None:
+        full_lens = [len(x) for x in encode(tok, list(train_df["prompt"]), None)]
+        train_enc = encode(tok, list(train_df["prompt"]), max_len)
+        val_enc = encode(tok, list(val_df["prompt"]), max_len)
+        y_train = [int(v) for v in train_df["label"]]
+        y_val = [int(v) for v in val_df["label"]]
+    else:
+        train_enc, y_train, val_enc, y_val = bench["train_enc"], bench["labels"], [], []
+        full_lens = [len(x) for x in train_enc]
     weights = class_weights(cfg.class_weights, y_train, cfg.num_labels)
     weight_t = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
 
@@ -424,6 +435,9 @@ def _train_classifier(ctx: Any, device: str) -> dict[str, Any]:
     meter = C.Throughput(st["tokens"])
     window: list[float] = []
     bar = tqdm(total=total, initial=st["step"], desc=ctx.name, dynamic_ncols=True)
+    timer = bench["timer"] if bench is not None else None
+    if timer is not None:
+        timer.on_train_begin()
     train_start, cpu0 = time.time(), time.process_time()
     while st["step"] < total and not st["stopped_early"]:
         if st["micro"] >= len(batches):
@@ -487,8 +501,21 @@ def _train_classifier(ctx: Any, device: str) -> dict[str, Any]:
 
         if step % cfg.checkpoint_every == 0 and step < total and not st["stopped_early"]:
             save_checkpoint(ckpt_dir, step, model, opt, sched, st)
+        if timer is not None:
+            timer.on_step_end()
     bar.close()
     train_seconds, train_cpu = time.time() - train_start, time.process_time() - cpu0
+    if timer is not None:
+        timer.on_train_end()
+        return {
+            "steps": st["step"],
+            "tokens": st["tokens"],
+            "train_seconds": train_seconds,
+            "loss_first": train_log.first_loss,
+            "loss_last": train_log.last_loss,
+            "backend": backend,
+            "target_modules": loaded.target_modules,
+        }
 
     # -- best weights, final validation ---------------------------------------------------------
     if st["best_step"] is not None and best_path.is_file():
@@ -633,6 +660,91 @@ def predict_proba(artifact_or_model: Any, texts: list[str], batch_size: int = 16
     if isinstance(model, (str, os.PathLike)):
         model, _ = load_classifier(model)
     return model.predict_proba(texts, batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark hook (benchmarks/train_throughput.py)
+# ----------------------------------------------------------------------------------------------
+def benchmark_train_steps(
+    model_dir: str,
+    *,
+    batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    load_in_4bit: bool,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    target_modules: list[str],
+    warmup_steps: int,
+    timed_steps: int,
+    backend: str = "unsloth",
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """benchmarks/train_throughput.py's node hook (contract: its NODE_HOOK_DOC): the node's own loop
+    (``_train_classifier``: loading, head, collation, weighted cross-entropy, clipping, scheduler,
+    logging) on ``batch_size`` rows of exactly ``seq_len`` random ordinary tokens per step, no
+    accumulation, no validation, for ``warmup_steps + timed_steps`` optimizer steps."""
+    import tempfile
+
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (before transformers: it patches it)
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from dagtune.config import RuntimeConfig, TrainClassifierConfig
+    from dagtune.store import ArtifactStore
+
+    device = "cuda" if C.cuda_available() else "cpu"
+    work = Path(workdir or tempfile.mkdtemp(prefix="dagtune-bench-cls-"))
+    for d in ("out", "scratch"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    steps = warmup_steps + timed_steps
+    sec = TrainClassifierConfig.model_validate(
+        {
+            "model": {"name": str(model_dir), "load_in_4bit": load_in_4bit, "max_seq_length": seq_len},
+            "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": target_modules},
+            "optim": {"learning_rate": 1e-4, "warmup_steps": 0, "max_steps": steps, "batch_size": batch_size,
+                      "grad_accum": 1},
+            "gradient_checkpointing": gradient_checkpointing,
+            "log_every": 10,
+            "checkpoint_every": 10**9,
+            "save_merged": False,
+        }
+    )  # fmt: skip
+    rng = random.Random(1)
+    body = C.body_token_ids(AutoTokenizer.from_pretrained(model_dir))
+    n = batch_size * steps
+    enc = [rng.choices(body, k=seq_len) for _ in range(n)]
+    labels = [rng.randrange(sec.num_labels) for _ in range(n)]
+    timer = C.StepTimer(device)
+    import logging
+
+    ctx = SimpleNamespace(
+        name="train_classifier",
+        section=sec,
+        runtime=RuntimeConfig(device=device, backend=backend),
+        store=ArtifactStore(work / "store"),
+        scratch=work / "scratch",
+        out=work / "out",
+        log=logging.getLogger("dagtune.bench"),
+        upstream={},
+    )
+    r = _train_classifier(ctx, device, bench={"train_enc": enc, "labels": labels, "timer": timer})
+    times = timer.step_times()[warmup_steps:]
+    out = {
+        "step_times_s": times,
+        "tokens": batch_size * seq_len * len(times),
+        "notes": (
+            f"node: classifier loop ({r['backend']}), last-token head + weighted CE, fused AdamW, clipping, "
+            f"log every 10 steps; loss {r['loss_first']} -> {r['loss_last']}"
+        ),
+    }
+    if timer.peak_allocated_bytes is not None:
+        out["peak_allocated_bytes"] = timer.peak_allocated_bytes
+        out["peak_reserved_bytes"] = timer.peak_reserved_bytes
+    return out
 
 
 __all__ = [

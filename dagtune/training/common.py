@@ -593,3 +593,73 @@ def library_backend_info(backend: str) -> dict[str, Any]:
         except metadata.PackageNotFoundError:  # pragma: no cover
             pass
     return info
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark support (benchmarks/train_throughput.py, benchmarks/epoch_real_lengths.py)
+# ----------------------------------------------------------------------------------------------
+class StepTimer:
+    """Wall time of every optimizer step, each ended by a device synchronize, and the peak memory from
+    the first step on (reset when training begins, after the model is loaded). ``on_train_begin`` and
+    ``on_step_end`` are what the SFT trainer's callback and the classifier loop call."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.ends: list[float] = []
+        self.t0: float | None = None
+        self.peak_allocated_bytes: int | None = None
+        self.peak_reserved_bytes: int | None = None
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def on_train_begin(self) -> None:
+        self._sync()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self) -> None:
+        self._sync()
+        self.ends.append(time.perf_counter())
+
+    def on_train_end(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            self.peak_allocated_bytes = int(torch.cuda.max_memory_allocated())
+            self.peak_reserved_bytes = int(torch.cuda.max_memory_reserved())
+
+    def step_times(self) -> list[float]:
+        marks = [self.t0 if self.t0 is not None else (self.ends[0] if self.ends else 0.0), *self.ends]
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+    def as_callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Cb(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                timer.on_train_begin()
+
+            def on_step_end(self, args, state, control, **kw):
+                timer.on_step_end()
+
+            def on_train_end(self, args, state, control, **kw):
+                timer.on_train_end()
+
+        return _Cb()
+
+
+def body_token_ids(tokenizer: Any) -> list[int]:
+    """Ordinary (non-special, non-added) token ids: filler for benchmark rows that must not contain a
+    turn marker by accident."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    skip = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
+    return [i for i in range(len(tok)) if i not in skip]

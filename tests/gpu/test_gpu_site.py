@@ -42,7 +42,7 @@ def test_site_imports_with_pinned_versions():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     line = next(x for x in p.stdout.splitlines() if x.startswith("VERSIONS "))
-    assert json.loads(line[len("VERSIONS "):]) == PINS
+    assert json.loads(line[len("VERSIONS ") :]) == PINS
 
 
 def test_bitsandbytes_nf4_roundtrip_on_cuda():

@@ -20,9 +20,27 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_tiny_unsloth_and_hf_loops_train(tmp_path, model):
     impls = "unsloth,hf" if importlib.util.find_spec("unsloth") is not None else "hf"
     out = tmp_path / "tt.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks/train_throughput.py"), "--tiny", "--impl", impls,
-           "--models", model, "--batch", "2", "--seq", "128", "--warmup", "1", "--steps", "2",
-           "--model-root", str(tmp_path / "models"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks/train_throughput.py"),
+        "--tiny",
+        "--impl",
+        impls,
+        "--models",
+        model,
+        "--batch",
+        "2",
+        "--seq",
+        "128",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--model-root",
+        str(tmp_path / "models"),
+        "--out",
+        str(out),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     log = out.with_suffix(".log").read_text() if out.with_suffix(".log").exists() else ""
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
