@@ -23,11 +23,15 @@ from dagtune.data.split import (
     trigrams,
 )
 from dagtune.data.synthetic import (
+    DEVELOPER_PROMPT,
     DIALECTS,
+    KEYWORDS,
+    NEGATIVE_REPLY,
     SYNTHETIC_TOOLS,
     synthetic_classifier,
     synthetic_extractor,
     synthetic_function_calling,
+    tokenizer_corpus,
 )
 from dagtune.data.tools import RowProblem, ToolCatalog, decode_arguments, normalize_tool, schema_problems
 
@@ -328,24 +332,6 @@ def test_lsh_shape_keeps_recall_at_the_threshold():
 # ------------------------------------------------------------------------------------------------
 # synthetic data
 # ------------------------------------------------------------------------------------------------
-TOOL_KEYWORDS = {
-    "get_weather": ("الطقس",),
-    "get_prayer_times": ("الصلاة",),
-    "calculate_zakat": ("زكا",),
-    "search_flights": ("طيران",),
-    "search_hotels": ("فندق",),
-    "transfer_money": ("تحويل", "حوالة"),
-    "convert_currency": ("صرف",),
-    "book_doctor_appointment": ("دكتور", "طبيب"),
-    "search_medications": ("دواء",),
-    "track_shipment": ("شحن",),
-    "order_food": ("مطعم",),
-    "set_reminder": ("تذكير", "يذكرني"),
-    "translate_text": ("ترجمة",),
-    "check_visa_status": ("تأشير",),
-}
-
-
 def test_synthetic_function_calling_is_deterministic_and_learnable():
     rows, catalog = synthetic_function_calling(300, 0.1, seed=7)
     assert rows == synthetic_function_calling(300, 0.1, seed=7)[0]
@@ -363,10 +349,43 @@ def test_synthetic_function_calling_is_deterministic_and_learnable():
             for v in value if isinstance(value, list) else [value]:
                 assert str(v) in r["user"]
     # learnable: each request names its tool's keyword and no other tool's
-    assert set(TOOL_KEYWORDS) == {t[0]["function"]["name"] for t in SYNTHETIC_TOOLS}
     for r in rows:
-        hits = {name for name, words in TOOL_KEYWORDS.items() if any(w in r["user"] for w in words)}
+        hits = {name for name, word in KEYWORDS.items() if word in r["user"]}
         assert hits == ({r["target_name"]} if r["has_call"] else set()), r["user"]
+
+
+def test_every_template_of_a_tool_shares_its_keyword():
+    """One keyword per tool, as a word of every template (two unrelated phrasings per tool made the tiny
+    model learn the tool choice measurably slower)."""
+    assert set(KEYWORDS) == {t[0]["function"]["name"] for t in SYNTHETIC_TOOLS}
+    assert len(set(KEYWORDS.values())) == len(KEYWORDS)
+    for schema, _, templates in SYNTHETIC_TOOLS:
+        name = schema["function"]["name"]
+        for template in templates:
+            assert KEYWORDS[name] in template.split(), (name, template)
+            others = {n for n, w in KEYWORDS.items() if n != name and w in template}
+            assert not others, (name, template, others)
+
+
+def test_synthetic_prompt_constants_match_the_config_defaults():
+    from dagtune.config import FunctionCallingDataConfig
+
+    fields = FunctionCallingDataConfig.model_fields
+    assert DEVELOPER_PROMPT == fields["developer_prompt"].default
+    assert NEGATIVE_REPLY == fields["negative_reply"].default
+
+
+def test_tokenizer_corpus_is_deterministic_and_covers_the_vocabulary():
+    lines = tokenizer_corpus()
+    assert lines == tokenizer_corpus()
+    text = "\n".join(lines)
+    assert DEVELOPER_PROMPT in lines
+    for schema, _, _ in SYNTHETIC_TOOLS:
+        fn = schema["function"]
+        assert f"call:{fn['name']}{{" in text and f"declaration:{fn['name']}{{" in text
+        for key in fn["parameters"]["properties"]:
+            assert f"{key}:" in text
+    assert all(KEYWORDS[n] in text for n in KEYWORDS)
 
 
 def test_synthetic_math_sets():

@@ -191,7 +191,8 @@ def test_parity_f16(f16_gguf, tiny_model, prompts):
     assert r["token_ids_match_rate"] == 1.0, r["token_id_mismatches"]
     assert r["top1_agreement"] >= 0.98
     assert r["top1_agreement_all_positions"] >= 0.98
-    assert r["max_abs_logit_diff"] < 1e-2, r
+    # relative to the logit range: the tiny models' pretrained-like init gives logits of +-20
+    assert r["max_abs_logit_diff"] < 1e-3 * r["hf_logit_absmax"], r
     assert r["greedy_exact_match_rate"] >= 0.8, r
     assert r["passed"], r["failures"]
 
@@ -205,7 +206,7 @@ def test_quantize_q8_0_parity(f16_gguf, tiny_model, prompts, gguf_dir):
     r = parity_check(tiny_model, q["out_file"], prompts, max_new_tokens=16)
     assert r["token_ids_match_rate"] == 1.0, r["token_id_mismatches"]
     assert r["top1_agreement"] >= 0.98, r
-    assert r["max_abs_logit_diff"] < 0.1, r
+    assert r["max_abs_logit_diff"] < 0.05 * r["hf_logit_absmax"], r
     assert r["passed"], r["failures"]
 
 

@@ -340,6 +340,51 @@ def test_phi4_mini_template(dirs):
     )
 
 
+@pytest.mark.parametrize("name", GEMMAS)
+def test_tokenizer_knows_the_synthetic_vocabulary(name, dirs):
+    """The corpus holds the synthetic data's words (as a real tokenizer would know its language): each
+    word of a tool name, each Arabic tool keyword and each argument key is one token."""
+    from dagtune.data.synthetic import DEVELOPER_PROMPT, KEYWORDS, SYNTHETIC_TOOLS
+
+    tok = _tok(dirs[name])
+
+    def n(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    for schema, _, _ in SYNTHETIC_TOOLS:
+        fn = schema["function"]
+        words = fn["name"].split("_")
+        assert n(fn["name"]) == 2 * len(words) - 1, fn["name"]  # words and the underscores between
+        for key in fn["parameters"]["properties"]:
+            assert n(key) == 2 * key.count("_") + 1, key
+    assert all(n(" " + w) == 1 for w in KEYWORDS.values())
+    assert n(DEVELOPER_PROMPT) <= 14
+
+
+@pytest.mark.parametrize("name", GEMMAS)
+def test_gemma_init_has_pretrained_like_scales(name, dirs):
+    """Not transformers' std-0.02 init (near-flat logits that LoRA cannot sharpen): a larger tied
+    embedding and final-norm gain, so the base model already has a trained model's logit range."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dagtune.models.tiny import EMBED_STD, FINAL_NORM_GAIN
+
+    model = AutoModelForCausalLM.from_pretrained(str(dirs[name])).eval()
+    emb = model.get_input_embeddings().weight
+    assert torch.all(emb[model.config.pad_token_id] == 0)
+    assert abs(emb[1:].std().item() - EMBED_STD) < 0.02 * EMBED_STD
+    assert torch.allclose(
+        model.model.norm.weight, torch.full_like(model.model.norm.weight, FINAL_NORM_GAIN - 1)
+    )
+    # the layers keep transformers' init
+    assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.002
+    tok = _tok(dirs[name])
+    with torch.no_grad():
+        logits = model(**tok("<start_of_turn>user\nمرحبا<end_of_turn>\n", return_tensors="pt")).logits[0, -1]
+    assert logits.std().item() > 1.0 and logits.max().item() > 5.0
+
+
 # ----------------------------------------------------------------------------------------------
 # determinism, cache, fingerprints
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Offline synthetic data for the three tasks: deterministic for a seed, sized by config, and learnable.
 
-Learnable means a tiny model trained for a few CPU minutes beats chance: every tool has its own clear
-keywords (الطقس for the weather, فندق for hotels, ...), argument values appear verbatim in the request so
-they can be copied, dialects differ by their typical openers and closers, equation lines carry the numbers
-to copy, and flawed solutions differ from correct ones in a checkable way.
+Learnable means a tiny model trained for a few CPU minutes beats chance: every tool has one clear keyword
+that all its request templates share (الطقس for the weather, فندق for hotels, زكاة for zakat, ...; a tiny
+model given two unrelated phrasings per tool learns the choice measurably slower), argument values
+appear verbatim in the request so they can be copied, dialects differ by their typical openers and
+closers, equation lines carry the numbers to copy, and flawed solutions differ from correct ones in a
+checkable way.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ SYNTHETIC_TOOLS: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
             ["amount"],
         ),
         "islamic_services",
-        ("حساب زكاة مبلغ {amount} {currency}", "معرفة الزكاة على {amount} {currency}"),
+        ("حساب زكاة مبلغ {amount} {currency}", "معرفة زكاة {amount} {currency}"),
     ),
     (
         tool(
@@ -175,7 +177,7 @@ SYNTHETIC_TOOLS: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
             ["recipient", "amount"],
         ),
         "banking_finance",
-        ("تحويل {amount} {currency} إلى {person}", "إرسال حوالة بمبلغ {amount} {currency} إلى {person}"),
+        ("تحويل {amount} {currency} إلى {person}", "تحويل مبلغ {amount} {currency} إلى {person}"),
     ),
     (
         tool(
@@ -199,7 +201,7 @@ SYNTHETIC_TOOLS: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
             ["specialty"],
         ),
         "healthcare",
-        ("موعد مع دكتور {specialty} {date}", "حجز موعد عند طبيب {specialty}"),
+        ("موعد مع طبيب {specialty} {date}", "حجز موعد عند طبيب {specialty}"),
     ),
     (
         tool(
@@ -219,7 +221,7 @@ SYNTHETIC_TOOLS: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
             ["tracking_number"],
         ),
         "ecommerce",
-        ("تتبع الشحنة رقم {tracking}", "معرفة مكان شحنتي رقم {tracking}"),
+        ("تتبع الشحنة رقم {tracking}", "معرفة مكان الشحنة رقم {tracking}"),
     ),
     (
         tool(
@@ -242,7 +244,7 @@ SYNTHETIC_TOOLS: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
             ["message", "time"],
         ),
         "utilities",
-        ("تذكير ب{task} الساعة {time}", "منبه يذكرني ب{task} الساعة {time}"),
+        ("تذكير ب{task} الساعة {time}", "ضبط تذكير ب{task} الساعة {time}"),
     ),
     (
         tool(
@@ -262,7 +264,7 @@ SYNTHETIC_TOOLS: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
             ["application_number"],
         ),
         "government_services",
-        ("حالة طلب التأشيرة رقم {app}", "متابعة تأشيرتي رقم الطلب {app}"),
+        ("حالة طلب التأشيرة رقم {app}", "متابعة التأشيرة رقم الطلب {app}"),
     ),
 ]
 
@@ -282,6 +284,26 @@ ARG_SLOTS: dict[str, dict[str, str]] = {
     "set_reminder": {"message": "task", "time": "time"},
     "translate_text": {"text": "phrase", "target_language": "language"},
     "check_visa_status": {"application_number": "app"},
+}
+
+
+# The keyword every request template of a tool contains and no other tool's template does (what makes the
+# tool choice learnable in the tiny profile; tests hold the templates to it).
+KEYWORDS: dict[str, str] = {
+    "get_weather": "الطقس",
+    "get_prayer_times": "الصلاة",
+    "calculate_zakat": "زكاة",
+    "search_flights": "طيران",
+    "search_hotels": "فندق",
+    "transfer_money": "تحويل",
+    "convert_currency": "صرف",
+    "book_doctor_appointment": "طبيب",
+    "search_medications": "دواء",
+    "track_shipment": "الشحنة",
+    "order_food": "مطعم",
+    "set_reminder": "تذكير",
+    "translate_text": "ترجمة",
+    "check_visa_status": "التأشيرة",
 }
 
 
@@ -539,3 +561,46 @@ def synthetic_classifier(n: int, seed: int) -> list[dict[str, Any]]:
             }
         )
     return rows[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+# vocabulary for the tiny models' tokenizers
+# ------------------------------------------------------------------------------------------------
+# The config's default developer-turn line and no-tool reply (dagtune/config.py; a test keeps them equal).
+DEVELOPER_PROMPT = "You are a model that can do function calling with the following functions"
+NEGATIVE_REPLY = "لا يحتاج هذا الطلب إلى استدعاء أي أداة."
+
+
+def tokenizer_corpus(seed: int = 0, n: int = 1500, repeat: int = 30) -> list[str]:
+    """Text in the synthetic data's vocabulary, for training the tiny tokenizers (dagtune/models/tiny.py).
+
+    A real model's tokenizer has seen these words: the developer line, tool names, argument keys and
+    descriptions, the Arabic request words and slot values come out as a few tokens each, not letter by
+    letter. The fixed strings are repeated ``repeat`` times (BPE merges what is frequent); requests and
+    calls come from their own seed, not the data set's."""
+    fixed: list[str] = [DEVELOPER_PROMPT, NEGATIVE_REPLY]
+    for schema, _, templates in SYNTHETIC_TOOLS:
+        f = schema["function"]
+        props = ",".join(
+            f"{k}:{{description:<escape>{p['description']}<escape>,type:<escape>{p['type'].upper()}<escape>}}"
+            for k, p in f["parameters"]["properties"].items()
+        )
+        fixed.append(
+            f"declaration:{f['name']}{{description:<escape>{f['description']}<escape>,"
+            f"parameters:{{properties:{{{props}}}}}}}"
+        )
+        fixed.extend(t.replace("{", "").replace("}", "") for t in templates)
+    words = (CITIES, DATES, CURRENCIES, PEOPLE, SPECIALTIES, MEDICATIONS, REMINDERS, TIMES, PHRASES)
+    words += (LANGUAGES, FOODS, RESTAURANTS)
+    for group in (*words, *OPENERS.values(), *CLOSERS.values(), *CHITCHAT.values(), *SMALL_TALK.values()):
+        fixed.extend(group)
+    lines = fixed * repeat
+    rows, _ = synthetic_function_calling(n, 0.2, seed=seed)
+    for r in rows:
+        lines.append(r["user"])
+        if r["has_call"]:
+            args = ",".join(f"{k}:<escape>{v}<escape>" for k, v in r["target_arguments"].items())
+            lines.append(f"<start_function_call>call:{r['target_name']}{{{args}}}<end_function_call>")
+    lines.extend(f"{r['line']} {r['eqn']}" for r in synthetic_extractor(n // 3, seed=seed))
+    lines.extend(f"{r['question']} {r['solution']}" for r in synthetic_classifier(n // 3, seed=seed))
+    return lines
