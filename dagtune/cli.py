@@ -117,7 +117,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dagtune.runner import prepare_environment, summarize
+    from dagtune.runner import failure_rows, prepare_environment, summarize
 
     cfg = _load(args)
     prepare_environment(cfg)
@@ -143,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows = summarize(results, flow_run_id)
         except Exception as e:  # a failed node: report which one, and what finished before it
             error = f"{type(e).__name__}: {e}"
-            rows = _partial_rows(cfg, t0)
+            rows = failure_rows(cfg, t0)
     out = {
         "ok": error is None,
         "profile": cfg.profile,
@@ -160,29 +160,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {r['name']:<24} {r['status']:<7} {r['seconds']:8.1f}s  {r['key'][:12]}")
         print(("FAILED: " + error) if error else f"done in {out['seconds']:.1f}s")
     return 0 if error is None else 1
-
-
-def _partial_rows(cfg: PipelineConfig, started: float) -> list[dict[str, Any]]:
-    """After a failure: every node with its key; an artifact finished during this run is `ran`, an
-    older one `cached`, a missing one `failed` (the failing node and what it blocked)."""
-    from dagtune.pipeline import node_status
-
-    rows = []
-    for r in node_status(cfg):
-        status, seconds = "failed", 0.0
-        if r["exists"]:
-            finished = time.time() - r["age_seconds"]
-            status = "ran" if finished >= started else "cached"
-        rows.append(
-            {
-                "name": r["name"],
-                "status": status,
-                "seconds": seconds,
-                "key": r["key"],
-                "artifact": r["artifact"],
-            }
-        )
-    return rows
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

@@ -545,7 +545,3 @@ def load_config(
     except ValidationError as e:
         where = f"{p}" + (f" + profiles.{name}" if name else "")
         raise ConfigError(_format_errors(e, where, name)) from None
-
-
-def section(cfg: PipelineConfig, name: str) -> BaseModel:
-    return getattr(cfg, name)

@@ -71,24 +71,35 @@ def execute_node(
     return {**result, "node": name, "path": art.path, "flow_run_id": flow_run_id}
 
 
+def _row(name: str, status: str, seconds: float, key: str, artifact: str | None) -> dict[str, Any]:
+    return {"name": name, "status": status, "seconds": seconds, "key": key, "artifact": artifact}
+
+
 def summarize(results: list[dict[str, Any]], flow_run_id: str | None) -> list[dict[str, Any]]:
     """Per-node rows for `dagtune run --json`. A result recorded by another flow run came from
     Prefect's task cache without the task running: it is `cached`."""
     rows = []
     for r in results:
-        status = r["status"]
-        seconds = r["seconds"]
+        status, seconds = r["status"], r["seconds"]
         if flow_run_id and r.get("flow_run_id") and r["flow_run_id"] != flow_run_id:
             status, seconds = "cached", 0.0
-        rows.append(
-            {
-                "name": r["name"],
-                "status": status,
-                "seconds": seconds,
-                "key": r["key"],
-                "artifact": r["artifact"],
-            }
-        )
+        rows.append(_row(r["name"], status, seconds, r["key"], r["artifact"]))
+    return rows
+
+
+def failure_rows(cfg: PipelineConfig, started: float) -> list[dict[str, Any]]:
+    """After a failed run: an artifact finished during this run is `ran`, an older one `cached`, a
+    missing one `failed` (the failing node and what it blocked)."""
+    import time
+
+    from dagtune.pipeline import node_status
+
+    rows = []
+    for r in node_status(cfg):
+        status = "failed"
+        if r["exists"]:
+            status = "ran" if time.time() - r["age_seconds"] >= started else "cached"
+        rows.append(_row(r["name"], status, 0.0, r["key"], r["artifact"]))
     return rows
 
 
