@@ -189,6 +189,7 @@ PRESETS["table"] = PRESETS["priority"] + [
     ("functiongemma-270m", False, False, 16, ("node", "unsloth", "hf?")),
     ("gemma-3-1b", True, False, 8, ("node", "unsloth", "hf")),
     ("phi-4-mini", False, False, 8, ("node", "unsloth", "hf")),
+    ("gemma-3-1b", False, True, 8, ("node", "unsloth")),  # the recipe's 4-bit extractor base
 ]
 
 NODE_HOOK_DOC = """
