@@ -14,16 +14,19 @@
 #                  are reused): Unsloth compiles each decoder block on the first step of a new shape
 #                  family (29-87 s seen), which is why cases are spread over lanes;
 #   epoch          benchmarks/epoch_real_lengths.py: one epoch of FunctionGemma-270M on the real length
-#                  distribution, reference recipe vs padding-free packing;
+#                  distribution (the pipeline's rendering, with distractor tools), reference recipe vs
+#                  padding-free packing; epoch_own: the sample's own tools only; epoch_ext: Gemma-3-1B on
+#                  the extractor's lengths;
+#   probe          benchmarks/probe_classifier_memory.py on Phi-4-mini, 16-bit and 4-bit;
 #   test_train     pytest -m gpu tests/test_training_gpu.py (unsloth + hf backends, 4-bit, packing);
-#   test_pipeline  pytest -m gpu tests/gpu/ (the whole tiny pipeline on the GPU, the GPU site, the
-#                  benchmark harness).
+#   test_pipeline  pytest -m gpu tests/gpu/test_pipeline_gpu.py (the whole tiny pipeline on the GPU);
+#   test_gpu_dir   the rest of tests/gpu (the GPU site, the benchmark harness).
 # Lanes share the host's CPUs: compile phases overlap, the timed steps are GPU-bound on separate GPUs.
 set -uo pipefail
 OUT=${OUT:-$PWD/benchmarks/results/gpu_suite}
 mkdir -p "$OUT" "$OUT/logs"
 source scripts/gpu_unpack.sh
-LANES=${LANES:-"0:tp_gemma,tp_phi4 1:tp_phi16,tp_gemma4 2:epoch,test_train 3:test_pipeline"}
+LANES=${LANES:-"0:test_pipeline 1:test_train,epoch_own 2:probe,test_gpu_dir 3:epoch_ext"}
 T_TP=${T_TP:-300} T_EPOCH=${T_EPOCH:-330} T_TEST=${T_TEST:-240} T_PIPE=${T_PIPE:-540}
 t0=$(date +%s)
 stamp() { echo "[suite $(($(date +%s) - t0))s gpu${CUDA_VISIBLE_DEVICES:-?}] $*" | tee -a "$OUT/suite.log"; }
@@ -48,20 +51,33 @@ stage() {
       >"$OUT/logs/tp_${k}_driver.log" 2>&1
     grep -aE "^\S+\|.*(ok|timeout|error|oom)" "$OUT/logs/tp_${k}_driver.log" | tail -4 | tee -a "$OUT/suite.log"
     ;;
-  epoch)
-    stamp "epoch on real lengths (limit ${T_EPOCH}s)"
-    timeout "$T_EPOCH" python3 benchmarks/epoch_real_lengths.py --model functiongemma-270m \
-      --distribution function_calling/with_distractors --model-root "$models" \
-      --tokenizer-cache .bench_tokenizers --out "$OUT/epoch_real_lengths.json" >"$OUT/logs/epoch.log" 2>&1
-    grep -aE "^(==|reference|packed|wrote)|Error" "$OUT/logs/epoch.log" | tail -8 | tee -a "$OUT/suite.log"
+  epoch | epoch_own | epoch_ext)
+    local m=functiongemma-270m d=function_calling/with_distractors
+    [ "$s" = epoch_own ] && d=function_calling/own_tools
+    [ "$s" = epoch_ext ] && m=gemma-3-1b && d=extractor
+    stamp "epoch on real lengths $m $d (limit ${T_EPOCH}s)"
+    timeout "$T_EPOCH" python3 benchmarks/epoch_real_lengths.py --model $m --distribution $d \
+      --model-root "$models" --tokenizer-cache .bench_tokenizers --out "$OUT/$s.json" >"$OUT/logs/$s.log" 2>&1
+    grep -aE "^(==|reference|packed|wrote)|Error" "$OUT/logs/$s.log" | tail -8 | tee -a "$OUT/suite.log"
     ;;
-  test_train | test_pipeline)
+  probe)
+    stamp "classifier memory probe (limit ${T_TP}s)"
+    [ -f "$models/phi-4-mini/config.json" ] || python3 benchmarks/train_throughput.py --_build phi-4-mini \
+      "$models/phi-4-mini" --device cuda --tokenizer-cache .bench_tokenizers >"$OUT/logs/probe_build.log" 2>&1
+    for q in 16 4; do
+      timeout "$T_TP" python3 benchmarks/probe_classifier_memory.py --model-dir "$models/phi-4-mini" \
+        $([ $q = 4 ] && echo --load-in-4bit) --out "$OUT/probe_phi$q.json" >"$OUT/logs/probe_phi$q.log" 2>&1
+      grep -a '^{' "$OUT/logs/probe_phi$q.log" | tee -a "$OUT/suite.log"
+    done
+    ;;
+  test_train | test_pipeline | test_gpu_dir)
     local what=tests/test_training_gpu.py lim=$T_TEST
-    [ "$s" = test_pipeline ] && what=tests/gpu && lim=$T_PIPE
+    [ "$s" = test_pipeline ] && what=tests/gpu/test_pipeline_gpu.py && lim=$T_PIPE
+    [ "$s" = test_gpu_dir ] && what="tests/gpu --deselect tests/gpu/test_pipeline_gpu.py" && lim=$T_TEST
     stamp "pytest $what (limit ${lim}s)"
     # SIGINT, not TERM: pytest then still prints the failures it has.
-    timeout -s INT -k 15 "$lim" python3 -m pytest -m gpu -q -p no:cacheprovider -rs -s --tb=short \
-      "$what" >"$OUT/logs/$s.log" 2>&1
+    DAGTUNE_GPU_TEST_LOGS=$OUT/logs timeout -s INT -k 15 "$lim" python3 -m pytest -m gpu -q -p no:cacheprovider -rs -s --tb=short \
+      $what >"$OUT/logs/$s.log" 2>&1
     grep -avE "it/s\]|s/it\]" "$OUT/logs/$s.log" | grep -aE "passed|failed|error|FAILED|ERROR|^E |^\{" |
       tail -30 | tee -a "$OUT/suite.log"
     ;;

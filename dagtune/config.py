@@ -344,6 +344,12 @@ class ConvertGgufConfig(Section):
     min_top1_agreement: float = F(
         0.98, "Node fails below this next-token top-1 agreement with HF.", ge=0, le=1
     )
+    top1_tie_tolerance: float = F(
+        0.05,
+        "A top-1 disagreement where the HF model's logits for the two tokens differ by at most this is a "
+        "near-tie (rounding between almost equal candidates): it counts as agreement and is reported. 0 = strict.",
+        ge=0,
+    )
     max_new_tokens: int = F(32, "Greedy generation length for the generation-agreement check.", ge=1)
     models: list[Literal["function_calling", "extractor"]] = F(
         default_factory=lambda: ["function_calling", "extractor"],

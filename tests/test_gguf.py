@@ -207,6 +207,7 @@ def test_quantize_q8_0_parity(f16_gguf, tiny_model, prompts, gguf_dir):
     assert r["token_ids_match_rate"] == 1.0, r["token_id_mismatches"]
     assert r["top1_agreement"] >= 0.98, r
     assert r["max_abs_logit_diff"] < 0.05 * r["hf_logit_absmax"], r
+    assert r["top1_agreement_ties_ok"] >= r["top1_agreement"] and r["top1_tie_tolerance"] == 0.0
     assert r["passed"], r["failures"]
 
 
@@ -252,3 +253,18 @@ def test_parity_catches_double_bos(f16_gguf, tiny_model, prompts, monkeypatch):
     assert not r["passed"]
     bad = r["token_id_mismatches"][0]
     assert bad["first_diff"] == 1 and bad["llama_len"] == bad["hf_len"] + 1  # <bos><bos>...
+
+
+def test_compare_top1_near_ties():
+    import numpy as np
+
+    from dagtune.gguf.parity import compare_top1
+
+    hf = np.array([1.0, 5.00, 4.98, 0.0])
+    assert compare_top1(hf, np.array([1.0, 5.1, 4.9, 0.0]), 0.05) == (True, None)
+    agree, flip = compare_top1(hf, np.array([1.0, 4.99, 5.0, 0.0]), 0.05)  # rounding flips 1 -> 2
+    assert not agree and (flip["hf_top"], flip["llama_top"], flip["tie"]) == (1, 2, True)
+    assert abs(flip["hf_gap"] - 0.02) < 1e-9
+    assert compare_top1(hf, np.array([1.0, 4.99, 5.0, 0.0]), 0.0)[1]["tie"] is False  # strict
+    agree, flip = compare_top1(hf, np.array([9.0, 5.0, 4.9, 0.0]), 0.05)  # a real disagreement
+    assert not agree and flip["llama_top"] == 0 and flip["hf_gap"] == 4.0 and not flip["tie"]

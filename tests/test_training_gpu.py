@@ -97,7 +97,8 @@ def test_unsloth_backend_classifier(tmp_path):
 # the unsloth path in detail: response-only labels, LoRA-only updates on a 4-bit base, packing
 # ----------------------------------------------------------------------------------------------
 def _unsloth_setup(tmp_path, **updates):
-    sec = tiny_section("train_function_calling", optim={"max_steps": 3}, model={"load_in_4bit": True},
+    optim = {"max_steps": 3, **updates.pop("optim", {})}
+    sec = tiny_section("train_function_calling", optim=optim, model={"load_in_4bit": True},
                        **{**GPU, **updates})  # fmt: skip
     ctx = make_ctx(
         tmp_path, "train_function_calling", sec, runtime=RuntimeConfig(device="cuda", backend="unsloth")

@@ -85,6 +85,7 @@ def build(ctx: NodeContext) -> dict[str, Any]:
                 prompts,
                 max_new_tokens=cfg.max_new_tokens,
                 min_top1_agreement=cfg.min_top1_agreement,
+                top1_tie_tolerance=cfg.top1_tie_tolerance,
             )
             files[qtype] = {
                 "file": target.relative_to(ctx.out).as_posix(),
@@ -115,7 +116,8 @@ def _report(metrics: dict[str, Any]) -> str:
         "",
         "HF model (float32) vs llama.cpp on the task's test prompts.",
         "",
-        "| model | type | size MB | token ids match | top-1 agreement | max abs logit diff | greedy exact match | passed |",
+        "| model | type | size MB | token ids match | top-1 agreement (near-ties ok) | max abs logit diff "
+        "| greedy exact match | passed |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for model, files in metrics.items():
@@ -123,9 +125,24 @@ def _report(metrics: dict[str, Any]) -> str:
             p = f["parity"]
             lines.append(
                 f"| {model} | {qtype} | {f['size_bytes'] / 1e6:.2f} | {p['token_ids_match_rate']:.3f} | "
-                f"{p['top1_agreement']:.3f} | {p['max_abs_logit_diff']:.3g} | {p['greedy_exact_match_rate']:.3f} | "
+                f"{p['top1_agreement']:.3f} ({p['top1_agreement_ties_ok']:.3f}) | {p['max_abs_logit_diff']:.3g} | {p['greedy_exact_match_rate']:.3f} | "
                 f"{p['passed']} |"
             )
+    ties = [
+        (m, q, t)
+        for m, fs in metrics.items()
+        for q, f in fs.items()
+        for t in f["parity"]["top1_disagreements"]
+    ]
+    if ties:
+        lines += [
+            "",
+            "Top-1 disagreements (HF logit gap between its top-1 and llama.cpp's; <= tolerance = near-tie):",
+            "",
+        ]
+        lines += [
+            f"- {m} {q} prompt {t['prompt']}: gap {t['hf_gap']:.4g}, near-tie {t['tie']}" for m, q, t in ties
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,11 @@ def test_tiny_pipeline_on_gpu_with_unsloth(tmp_path):
         env.pop(k, None)
     r = subprocess.run([sys.executable, "-m", "dagtune.cli", "run", "--json", "--config", str(cfg)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    if logs := os.environ.get("DAGTUNE_GPU_TEST_LOGS"):  # the whole run's log, for the device's $OUT
+        Path(logs).mkdir(parents=True, exist_ok=True)
+        Path(logs, "pipeline_gpu_stderr.log").write_text(r.stderr)
+        for rep in state.glob("artifacts/**/parity_report.md"):
+            Path(logs, "parity_report.md").write_text(rep.read_text())
     assert r.returncode == 0, r.stderr[-6000:]
     out = json.loads(r.stdout)
     assert out["ok"] and [n["name"] for n in out["nodes"]] == NODE_ORDER
