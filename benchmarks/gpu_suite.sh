@@ -70,10 +70,11 @@ stage() {
       grep -a '^{' "$OUT/logs/probe_phi$q.log" | tee -a "$OUT/suite.log"
     done
     ;;
-  test_train | test_pipeline | test_gpu_dir)
+  test_train | test_train_tail | test_pipeline | test_gpu_dir)
     local what=tests/test_training_gpu.py lim=$T_TEST
     [ "$s" = test_pipeline ] && what=tests/gpu/test_pipeline_gpu.py && lim=$T_PIPE
     [ "$s" = test_gpu_dir ] && what="tests/gpu --deselect tests/gpu/test_pipeline_gpu.py" && lim=$T_TEST
+    [ "$s" = test_train_tail ] && what="tests/test_training_gpu.py::test_unsloth_4bit_lora_only_updates tests/test_training_gpu.py::test_unsloth_packed_sft_uses_varlen_attention"
     stamp "pytest $what (limit ${lim}s)"
     # SIGINT, not TERM: pytest then still prints the failures it has.
     DAGTUNE_GPU_TEST_LOGS=$OUT/logs timeout -s INT -k 15 "$lim" python3 -m pytest -m gpu -q -p no:cacheprovider -rs -s --tb=short \
