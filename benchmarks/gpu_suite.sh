@@ -5,8 +5,9 @@
 #   here:   bash scripts/gpu_carry.sh            (builds .gpu_carry/, ~45 MB of xz tarballs)
 #   device: run(kind="nvidia-h200-x4", carry=[".gpu_carry"],
 #               command="timeout 590 bash benchmarks/gpu_suite.sh")
-#   fewer GPUs: LANES="0:tp_gemma,tp_phi16,tp_phi4 1:epoch,test_train,test_pipeline" (stages of a lane
-#   run in order; each lane gets CUDA_VISIBLE_DEVICES=<its GPU>).
+#   stages of a lane run in order, each lane with CUDA_VISIBLE_DEVICES=<its GPU>; the calls of 2026-11-21:
+#     LANES="0:tp_gemma,tp_phi4 1:tp_phi16,tp_gemma4 2:epoch,test_train 3:test_pipeline"   (x4, 545 s)
+#     LANES="0:test_pipeline 1:test_train,epoch_own 2:probe,test_gpu_dir 3:epoch_ext"      (x4, 481 s)
 #
 # Stages:
 #   tp_<case>      benchmarks/train_throughput.py --share-process --impl node,unsloth for one case group
