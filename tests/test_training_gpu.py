@@ -170,3 +170,39 @@ def test_unsloth_packed_sft_uses_varlen_attention(tmp_path):
     m = sft.train(ctx, run)
     assert m["steps"] == 3 and math.isfinite(m["train_loss"])
     assert HF_PACKED_ATTENTION_STATS["fast"] > fast0, dict(HF_PACKED_ATTENTION_STATS)
+
+
+@pytest.mark.skipif(not HAS_UNSLOTH, reason="unsloth not installed")
+def test_unsloth_packed_step_matches_unpacked(tmp_path):
+    """The CPU equivalence test on the unsloth backend: one optimizer step of 8 examples, unpacked (two
+    padded micro-batches, train_on_responses_only) vs packed (one padding-free row): the same loss and
+    LoRA gradients, so examples stay isolated in attention and the per-token weighting is unchanged
+    whichever attention path Unsloth takes. Positions running on across examples must differ (teeth)."""
+    import torch
+    from test_training_packing import _data, _one_step
+
+    rt = RuntimeConfig(device="cuda", backend="unsloth")
+    data = _data(8)
+    loss_u, grads_u, _ = _one_step(tmp_path / "u", data, rt)
+    loss_p, grads_p, st = _one_step(tmp_path / "p", data, rt, packing=True, packed_tokens_per_batch=100_000)
+    assert st["packing"] and st["packed_micro_batches_per_step"] == 1
+    orig = sft.PackedCollator.__call__
+
+    def leaky(self, items):
+        b = orig(self, items)
+        b["position_ids"] = torch.arange(b["input_ids"].shape[1]).unsqueeze(0)
+        b.pop("packed_seq_lengths", None)
+        return b
+
+    sft.PackedCollator.__call__ = leaky
+    try:
+        loss_bad, _, _ = _one_step(tmp_path / "bad", data, rt, packing=True, packed_tokens_per_batch=100_000)
+    finally:
+        sft.PackedCollator.__call__ = orig
+    print(json.dumps({"unpacked": loss_u, "packed": loss_p, "leaky": loss_bad}))
+    assert loss_p == pytest.approx(loss_u, rel=1e-2), (loss_p, loss_u)
+    assert abs(loss_bad - loss_u) > 5 * abs(loss_p - loss_u), (loss_bad, loss_p, loss_u)
+    assert set(grads_p) == set(grads_u)
+    for k in grads_u:  # bf16 compute on the GPU: compare each gradient by its relative norm
+        diff = float((grads_p[k] - grads_u[k]).norm()) / max(float(grads_u[k].norm()), 1e-12)
+        assert diff < 5e-2, (k, diff)

@@ -70,9 +70,11 @@ def _data(n_train: int, task: str = "function_calling") -> Artifact:
     return Artifact("prepare_data", "test", str(root))
 
 
-def _run(tmp: Path, node: str, spec: sft.SFTSpec, data: Artifact, **updates) -> sft.SFTRun:
+def _run(tmp: Path, node: str, spec: sft.SFTSpec, data: Artifact, runtime=None, **updates) -> sft.SFTRun:
     sec = tiny_section(node, log_every=1, checkpoint_every=100, **updates)
-    return sft.setup(make_ctx(tmp, node, sec, data=data), spec, "cpu")
+    return sft.setup(
+        make_ctx(tmp, node, sec, data=data, runtime=runtime), spec, runtime.device if runtime else "cpu"
+    )
 
 
 @pytest.mark.parametrize(("node", "spec", "task"), [
@@ -126,13 +128,15 @@ class _GradCapture:
             def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
                 for n, p in model.named_parameters():
                     if p.requires_grad and p.grad is not None:
-                        cap.grads[n.replace("module.", "")] = p.grad.detach().clone()
+                        cap.grads[n.replace("module.", "")] = p.grad.detach().float().cpu().clone()
 
         return _Cb()
 
 
-def _one_step(tmp: Path, data: Artifact, **updates) -> tuple[float, dict[str, torch.Tensor], dict]:
-    run = _run(tmp, "train_function_calling", sft.FUNCTION_CALLING, data,
+def _one_step(
+    tmp: Path, data: Artifact, runtime=None, **updates
+) -> tuple[float, dict[str, torch.Tensor], dict]:
+    run = _run(tmp, "train_function_calling", sft.FUNCTION_CALLING, data, runtime,
                optim={"batch_size": 4, "grad_accum": 2, "max_steps": 1, "max_grad_norm": 1e9}, **updates)  # fmt: skip
     # LoRA B starts at zero, which would leave every A gradient zero: give B the same random values in
     # both runs so the gradients of both factors depend on the attention pattern.
@@ -140,7 +144,7 @@ def _one_step(tmp: Path, data: Artifact, **updates) -> tuple[float, dict[str, to
     with torch.no_grad():
         for n, p in sorted(run.trainer.model.named_parameters()):
             if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.device, p.dtype))
     cap = _GradCapture()
     run.trainer.add_callback(cap.callback())
     result = run.trainer.train()
