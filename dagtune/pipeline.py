@@ -226,6 +226,9 @@ def run_node(
             store=store,
             settings=settings_for(cfg, flow_run),
         )
+        # Lock order, the same in every run and thread, so no cycle: node key lock (build_once) ->
+        # training slot -> a base model's key lock (ensure_tiny); nothing is awaited while that last
+        # one is held.
         if not node.needs_training_slot:
             return node.load(node.module)(ctx)
         with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
