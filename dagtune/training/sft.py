@@ -25,9 +25,12 @@ unpacked recipe (consecutive groups of one seeded shuffle per epoch, see ``pack_
 examples are laid end to end, padding-free, into one row per micro-batch, split over as few micro-batches
 as keep each under ``packed_tokens_per_batch`` tokens (balanced by tokens; that count is the gradient
 accumulation of the run). ``position_ids`` restart at 0 for every example, so attention never crosses an
-example: on the unsloth backend the batch also carries ``packed_seq_lengths`` and Unsloth's packed-attention
-shim runs torch's varlen flash kernel; on hf transformers builds a block-diagonal causal mask from the
-position ids (SDPA/eager, also on CPU). Labels come from the completion mask on both backends (the first
+example: transformers builds a block-diagonal causal mask from the position ids (SDPA/eager, also on CPU).
+On the unsloth backend the batch also carries ``packed_seq_lengths`` for Unsloth's packed-attention shim
+(torch's varlen flash kernel), which wraps transformers' "sdpa" entry; Unsloth's rewritten Gemma-3
+attention calls SDPA directly and never reaches it (its counters stayed 0 in the H200 epoch runs), so
+there the block mask is what isolates examples -- checked by tests/test_training_gpu.py's
+packed == unpacked test. Labels come from the completion mask on both backends (the first
 token of every example is never a label, so no example is learned from its predecessor's last token).
 Loss weighting: HF ``Trainer`` counts the label tokens of all micro-batches of a step
 (``num_items_in_batch``) and TRL's loss divides each micro-batch's summed token loss by that count, so
