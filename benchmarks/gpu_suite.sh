@@ -8,18 +8,22 @@
 #   stages of a lane run in order, each lane with CUDA_VISIBLE_DEVICES=<its GPU>; the calls of 2026-11-21:
 #     LANES="0:tp_gemma,tp_phi4 1:tp_phi16,tp_gemma4 2:epoch,test_train 3:test_pipeline"   (x4, 545 s)
 #     LANES="0:test_pipeline 1:test_train,epoch_own 2:probe,test_gpu_dir 3:epoch_ext"      (x4, 481 s)
+#   and of 2026-11-30 (all three implementations side by side, the packed == unpacked check):
+#     LANES="0:test_packed,tp_gemma 1:tp_phi16,tp_fg"                                      (x2)
 #
 # Stages:
-#   tp_<case>      benchmarks/train_throughput.py --share-process --impl node,unsloth for one case group
-#                  (the plain transformers numbers of benchmarks/results/train_throughput_h100_raw.json
-#                  are reused): Unsloth compiles each decoder block on the first step of a new shape
-#                  family (29-87 s seen), which is why cases are spread over lanes;
+#   tp_<case>      benchmarks/train_throughput.py --share-process --impl $TP_IMPL (default
+#                  unsloth,node,hf: the node and the raw Unsloth loop share one process, the plain
+#                  transformers loop gets its own) for one case: Unsloth compiles each decoder block on
+#                  the first step of a new shape family (29-87 s seen), which is why cases are spread
+#                  over lanes;
 #   epoch          benchmarks/epoch_real_lengths.py: one epoch of FunctionGemma-270M on the real length
 #                  distribution (the pipeline's rendering, with distractor tools), reference recipe vs
 #                  padding-free packing; epoch_own: the sample's own tools only; epoch_ext: Gemma-3-1B on
 #                  the extractor's lengths;
 #   probe          benchmarks/probe_classifier_memory.py on Phi-4-mini, 16-bit and 4-bit;
 #   test_train     pytest -m gpu tests/test_training_gpu.py (unsloth + hf backends, 4-bit, packing);
+#   test_packed    only its packing tests (packed == unpacked on the unsloth backend, the packed node);
 #   test_pipeline  pytest -m gpu tests/gpu/test_pipeline_gpu.py (the whole tiny pipeline on the GPU);
 #   test_gpu_dir   the rest of tests/gpu (the GPU site, the benchmark harness).
 # Lanes share the host's CPUs: compile phases overlap, the timed steps are GPU-bound on separate GPUs.
@@ -28,7 +32,7 @@ OUT=${OUT:-$PWD/benchmarks/results/gpu_suite}
 mkdir -p "$OUT" "$OUT/logs"
 source scripts/gpu_unpack.sh
 LANES=${LANES:-"0:test_pipeline 1:test_train,epoch_own 2:probe,test_gpu_dir 3:epoch_ext"}
-T_TP=${T_TP:-300} T_EPOCH=${T_EPOCH:-330} T_TEST=${T_TEST:-240} T_PIPE=${T_PIPE:-540}
+TP_IMPL=${TP_IMPL:-unsloth,node,hf} T_TP=${T_TP:-300} T_EPOCH=${T_EPOCH:-330} T_TEST=${T_TEST:-240} T_PIPE=${T_PIPE:-540}
 t0=$(date +%s)
 stamp() { echo "[suite $(($(date +%s) - t0))s gpu${CUDA_VISIBLE_DEVICES:-?}] $*" | tee -a "$OUT/suite.log"; }
 
@@ -46,11 +50,11 @@ stage() {
   tp_*)
     local k=${s#tp_}
     stamp "throughput ${TP_KEYS[$k]} (limit ${T_TP}s)"
-    timeout "$T_TP" python3 benchmarks/train_throughput.py --share-process --impl unsloth,node \
+    timeout "$T_TP" python3 benchmarks/train_throughput.py --share-process --impl "$TP_IMPL" \
       --preset table --keys "${TP_KEYS[$k]}" --model-root "$models" --tokenizer-cache .bench_tokenizers \
       --deadline-s $((T_TP - 10)) --out "$OUT/tp_$k.json" --log "$OUT/logs/tp_$k.log" \
       >"$OUT/logs/tp_${k}_driver.log" 2>&1
-    grep -aE "^\S+\|.*(ok|timeout|error|oom)" "$OUT/logs/tp_${k}_driver.log" | tail -4 | tee -a "$OUT/suite.log"
+    grep -aE "^\S+\|.*(ok|timeout|error|oom)" "$OUT/logs/tp_${k}_driver.log" | tail -6 | tee -a "$OUT/suite.log"
     ;;
   epoch | epoch_own | epoch_ext)
     local m=functiongemma-270m d=function_calling/with_distractors
@@ -71,16 +75,17 @@ stage() {
       grep -a '^{' "$OUT/logs/probe_phi$q.log" | tee -a "$OUT/suite.log"
     done
     ;;
-  test_train | test_train_tail | test_pipeline | test_gpu_dir)
+  test_train | test_train_tail | test_packed | test_pipeline | test_gpu_dir)
     local what=tests/test_training_gpu.py lim=$T_TEST
     [ "$s" = test_pipeline ] && what=tests/gpu/test_pipeline_gpu.py && lim=$T_PIPE
     [ "$s" = test_gpu_dir ] && what="tests/gpu --deselect tests/gpu/test_pipeline_gpu.py" && lim=$T_TEST
+    [ "$s" = test_packed ] && what="tests/test_training_gpu.py -k packed"
     [ "$s" = test_train_tail ] && what="tests/test_training_gpu.py::test_unsloth_4bit_lora_only_updates tests/test_training_gpu.py::test_unsloth_packed_sft_uses_varlen_attention"
     stamp "pytest $what (limit ${lim}s)"
     # SIGINT, not TERM: pytest then still prints the failures it has.
     DAGTUNE_GPU_TEST_LOGS=$OUT/logs timeout -s INT -k 15 "$lim" python3 -m pytest -m gpu -q -p no:cacheprovider -rs -s --tb=short \
       $what >"$OUT/logs/$s.log" 2>&1
-    grep -avE "it/s\]|s/it\]" "$OUT/logs/$s.log" | grep -aE "passed|failed|error|FAILED|ERROR|^E |^\{" |
+    grep -avE "it/s\]|s/it\]" "$OUT/logs/$s.log" | grep -aE "passed|failed|error|FAILED|ERROR|^E |^\{|PACKED_VS|packed attention calls" |
       tail -30 | tee -a "$OUT/suite.log"
     ;;
   esac

@@ -26,9 +26,11 @@ embedding keeps the real vocabulary size. (b) and (c) feed fixed-length batches 
 (labels = inputs, no padding), LoRA r=32 alpha=64 dropout 0 on every linear layer of the blocks,
 AdamW lr 1e-4, 3 warm-up + 8 timed steps by default -- the setup of the issue's reference numbers.
 
-Note on Phi-4-mini: the project's classifier puts an ``nn.Linear`` head on the last non-pad token;
-(b) and (c) measure the causal-LM loss (200k-vocab logits) like the reference table, so they bound
-the classifier from the slow side (no 200k-vocab projection and cross-entropy there).
+Note on Phi-4-mini: the project's classifier puts an ``nn.Linear`` head on the last non-pad token.
+``unsloth`` and ``hf`` measure the causal-LM loss (200k-vocab logits) like the reference table;
+``unsloth_head`` and ``hf_head`` are the same raw loops on the classifier's objective (decoder body ->
+last token's hidden state -> fp32 Linear -> cross-entropy, no project code): the like-for-like
+baselines of the node.
 
 Every case runs in its own child process (Unsloth patches transformers on import, so the plain loop
 must never share a process with it; an OOM stays in its case). Results are written after each case,
@@ -179,8 +181,8 @@ PRESETS = {
     "priority": [
         ("functiongemma-270m", True, False, 16, ("node", "unsloth", "hf")),
         ("gemma-3-1b", False, False, 8, ("node", "unsloth", "hf")),
-        ("phi-4-mini", True, False, 8, ("node", "unsloth", "hf")),
-        ("phi-4-mini", True, True, 8, ("node", "unsloth")),
+        ("phi-4-mini", True, False, 8, ("node", "unsloth", "unsloth_head", "hf", "hf_head")),
+        ("phi-4-mini", True, True, 8, ("node", "unsloth", "unsloth_head")),
     ],
 }
 PRESETS["table"] = PRESETS["priority"] + [
@@ -188,7 +190,7 @@ PRESETS["table"] = PRESETS["priority"] + [
     # logits); it is attempted only with --try-expected-oom.
     ("functiongemma-270m", False, False, 16, ("node", "unsloth", "hf?")),
     ("gemma-3-1b", True, False, 8, ("node", "unsloth", "hf")),
-    ("phi-4-mini", False, False, 8, ("node", "unsloth", "hf")),
+    ("phi-4-mini", False, False, 8, ("node", "unsloth", "unsloth_head", "hf", "hf_head")),
     ("gemma-3-1b", False, True, 8, ("node", "unsloth")),  # the recipe's 4-bit extractor base
 ]
 
@@ -346,15 +348,40 @@ def _batches(n: int, batch: int, seq: int, vocab: int, device: str, low: int = 8
     return out
 
 
+def _last_token_head_step(model, head):
+    """The classifier's objective without the project's code: the decoder body (no LM head) -> hidden
+    state of the last token (fixed-length rows, no padding) -> fp32 Linear -> cross-entropy."""
+    import torch
+
+    base = model.get_base_model()
+    body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+
+    def step(b):
+        hidden = body(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)[0]
+        logits = head(hidden[:, -1].float())
+        return torch.nn.functional.cross_entropy(logits, b["class_labels"])
+
+    return step
+
+
 def _run_loop(model, case: dict, device: str) -> dict:
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
     vocab = model.get_input_embeddings().weight.shape[0]
     # Two distinct batches alternate: no step reads a batch another step just left in cache.
     data = _batches(2, case["batch"], case["seq"], vocab, device)
+    if case["impl"].endswith("_head"):
+        head = torch.nn.Linear(model.config.hidden_size, 2, device=device, dtype=torch.float32)
+        params += list(head.parameters())
+        g = torch.Generator().manual_seed(7)
+        for b in data:
+            b["class_labels"] = torch.randint(0, 2, (case["batch"],), generator=g).to(device)
+        head_step = _last_token_head_step(model, head)
+    else:
+        head_step = None
+    fused = device.startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
     model.train()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -364,13 +391,18 @@ def _run_loop(model, case: dict, device: str) -> dict:
         b = data[i % 2]
         _sync(device)
         t0 = time.perf_counter()
-        out = model(**b)
-        out.loss.backward()
+        if head_step is None:
+            loss = model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
+            ).loss
+        else:
+            loss = head_step(b)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
         dt = time.perf_counter() - t0
-        losses.append(float(out.loss.detach()))
+        losses.append(float(loss.detach()))
         if i >= case["warmup"]:
             times.append(dt)
     return {
@@ -494,7 +526,13 @@ def child_main(case: dict) -> dict:
     impl = case["impl"]
     base = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     try:
-        fn = {"unsloth": run_unsloth, "hf": run_hf, "node": run_node}[impl]
+        fn = {
+            "unsloth": run_unsloth,
+            "unsloth_head": run_unsloth,
+            "hf": run_hf,
+            "hf_head": run_hf,
+            "node": run_node,
+        }[impl]
         res = fn(case, device)
     except torch.cuda.OutOfMemoryError as e:
         res = {"status": "oom", "error": str(e).splitlines()[0][:300]}
@@ -627,7 +665,11 @@ def summary_table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", default="node,unsloth,hf", help="comma list of node, unsloth, hf")
+    ap.add_argument(
+        "--impl",
+        default="node,unsloth,hf",
+        help="comma list of node, unsloth, hf, unsloth_head, hf_head (the last two: Phi-4-mini only)",
+    )
     ap.add_argument("--preset", default="priority", choices=sorted(PRESETS))
     ap.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)} (default all)")
     ap.add_argument(
@@ -749,7 +791,8 @@ def main() -> None:
             "tokens_per_s": "non-pad tokens of the timed steps / their summed wall time",
             "peak": "torch.cuda.max_memory_allocated / _reserved, reset after model load",
             "classifier_note": "phi-4-mini unsloth/hf rows use the causal-LM loss (200k-vocab logits); "
-            "the project's classifier uses a linear head on the last non-pad token",
+            "unsloth_head/hf_head rows and the node (the project's classifier) a linear head on the last "
+            "token's hidden state with cross-entropy",
         },
         "models": {},
         "reference_h100": {
@@ -837,7 +880,11 @@ def main() -> None:
     shared: dict[int, dict] = {}
     if args.share_process:
         # Build every model first (own processes), then run the unsloth/node cases in one process.
-        todo = [(i, c) for i, c in enumerate(cases) if "skip" not in c and c["impl"] in ("unsloth", "node")]
+        todo = [
+            (i, c)
+            for i, c in enumerate(cases)
+            if "skip" not in c and c["impl"] in ("unsloth", "unsloth_head", "node")
+        ]
         for _, c in todo:
             mdir = root / c["model"]
             if c["model"] in built:

@@ -134,10 +134,13 @@ class _GradCapture:
 
 
 def _one_step(
-    tmp: Path, data: Artifact, runtime=None, **updates
+    tmp: Path, data: Artifact, runtime=None, optim: dict | None = None, **updates
 ) -> tuple[float, dict[str, torch.Tensor], dict]:
-    run = _run(tmp, "train_function_calling", sft.FUNCTION_CALLING, data, runtime,
-               optim={"batch_size": 4, "grad_accum": 2, "max_steps": 1, "max_grad_norm": 1e9}, **updates)  # fmt: skip
+    """One optimizer step (default: 2 micro-batches of 4); the stats also record what the Trainer passed to
+    its loss per micro-batch (``num_items_in_batch``: the step's label-token count, or None when it
+    falls back to a mean per micro-batch)."""
+    optim = {"batch_size": 4, "grad_accum": 2, "max_steps": 1, "max_grad_norm": 1e9, **(optim or {})}
+    run = _run(tmp, "train_function_calling", sft.FUNCTION_CALLING, data, runtime, optim=optim, **updates)
     # LoRA B starts at zero, which would leave every A gradient zero: give B the same random values in
     # both runs so the gradients of both factors depend on the attention pattern.
     g = torch.Generator().manual_seed(0)
@@ -147,8 +150,17 @@ def _one_step(
                 p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.device, p.dtype))
     cap = _GradCapture()
     run.trainer.add_callback(cap.callback())
+    seen: list = []
+    compute_loss = run.trainer.compute_loss
+
+    def recording(model, inputs, *a, **kw):
+        n = kw.get("num_items_in_batch")
+        seen.append(None if n is None else int(n))
+        return compute_loss(model, inputs, *a, **kw)
+
+    run.trainer.compute_loss = recording
     result = run.trainer.train()
-    return float(result.training_loss), cap.grads, run.stats
+    return float(result.training_loss), cap.grads, {**run.stats, "num_items_in_batch": seen}
 
 
 @pytest.mark.slow
@@ -157,10 +169,15 @@ def test_packed_step_same_loss_and_gradients_as_unpacked(tmp_path):
     packed = one padding-free row of 8, and packed with a small token cap = several rows. The step's
     loss (mean over its completion tokens) and every LoRA gradient agree."""
     data = _data(8)
-    loss_u, grads_u, _ = _one_step(tmp_path / "u", data)
+    loss_u, grads_u, su = _one_step(tmp_path / "u", data)
     loss_p1, grads_p1, st1 = _one_step(tmp_path / "p1", data, packing=True, packed_tokens_per_batch=100_000)
     loss_p3, grads_p3, st3 = _one_step(tmp_path / "p3", data, packing=True, packed_tokens_per_batch=16)
     assert st1["packed_micro_batches_per_step"] == 1 and st3["packed_micro_batches_per_step"] > 2
+    # Token-weighted over the whole step both ways: every micro-batch's loss is divided by the step's
+    # label-token count, the same count packed or not.
+    assert len(su["num_items_in_batch"]) == 2 and len(st3["num_items_in_batch"]) > 2
+    counts = {*su["num_items_in_batch"], *st1["num_items_in_batch"], *st3["num_items_in_batch"]}
+    assert len(counts) == 1 and None not in counts, counts
     assert grads_u and set(grads_u) == set(grads_p1) == set(grads_p3)
     assert any(float(v.abs().sum()) > 0 for k, v in grads_u.items() if "lora_A" in k)
     for loss, grads in ((loss_p1, grads_p1), (loss_p3, grads_p3)):
