@@ -386,8 +386,20 @@ def _run_loop(model, case: dict, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
+    times, losses, gc_steps = [], [], []
+    import gc
+
+    gc_s = [0.0, 0.0]  # [start of the running collection, total seconds]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_s[0] = time.perf_counter()
+        else:
+            gc_s[1] += time.perf_counter() - gc_s[0]
+
+    gc.callbacks.append(on_gc)
     for i in range(case["warmup"] + case["steps"]):
+        gc0 = gc_s[1]
         b = data[i % 2]
         _sync(device)
         t0 = time.perf_counter()
@@ -405,8 +417,11 @@ def _run_loop(model, case: dict, device: str) -> dict:
         losses.append(float(loss.detach()))
         if i >= case["warmup"]:
             times.append(dt)
+            gc_steps.append(round(gc_s[1] - gc0, 4))
+    gc.callbacks.remove(on_gc)
     return {
         "step_times_s": times,
+        "gc_s_per_step": gc_steps,
         "tokens": case["batch"] * case["seq"] * case["steps"],
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -515,6 +530,8 @@ def run_node(case: dict, device: str) -> dict:
         out["peak_includes_load"] = True
     if r.get("notes"):
         out["notes"] = r["notes"]
+    if "gc_s_per_step" in r:  # the garbage collector's seconds inside each timed step
+        out["gc_s_per_step"] = list(r["gc_s_per_step"])
     return out
 
 

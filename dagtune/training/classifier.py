@@ -735,6 +735,7 @@ def benchmark_train_steps(
     times = timer.step_times()[warmup_steps:]
     out = {
         "step_times_s": times,
+        "gc_s_per_step": timer.step_gc_seconds()[warmup_steps:],
         "tokens": batch_size * seq_len * len(times),
         "notes": (
             f"node: classifier loop ({r['backend']}), last-token head + weighted CE, fused AdamW, clipping, "

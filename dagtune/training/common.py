@@ -609,6 +609,17 @@ class StepTimer:
         self.t0: float | None = None
         self.peak_allocated_bytes: int | None = None
         self.peak_reserved_bytes: int | None = None
+        # Python's cyclic garbage collector: seconds it ran inside each step (a profile of CPU jitter).
+        self.gc_seconds = 0.0
+        self.gc_marks: list[float] = []
+        self._gc_start: float | None = None
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self.gc_seconds += time.perf_counter() - self._gc_start
+            self._gc_start = None
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -622,13 +633,18 @@ class StepTimer:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
         self.t0 = time.perf_counter()
 
     def on_step_end(self) -> None:
         self._sync()
         self.ends.append(time.perf_counter())
+        self.gc_marks.append(self.gc_seconds)
 
     def on_train_end(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         if self.device == "cuda":
             import torch
 
@@ -638,6 +654,10 @@ class StepTimer:
     def step_times(self) -> list[float]:
         marks = [self.t0 if self.t0 is not None else (self.ends[0] if self.ends else 0.0), *self.ends]
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+    def step_gc_seconds(self) -> list[float]:
+        marks = [0.0, *self.gc_marks]
+        return [round(b - a, 4) for a, b in zip(marks, marks[1:], strict=False)]
 
     def as_callback(self) -> Any:
         from transformers import TrainerCallback

@@ -710,6 +710,7 @@ def run_rows(
         "train_runtime_s": float(result.metrics.get("train_runtime", train_wall)),
         "steps": int(result.global_step),
         "step_times_s": timer.step_times(),
+        "gc_s_per_step": timer.step_gc_seconds(),
         "train_loss": float(result.training_loss),
         "loss_first": train_log.first_loss,
         "loss_last": train_log.last_loss,
@@ -781,6 +782,7 @@ def benchmark_train_steps(
     times = r["step_times_s"][warmup_steps:]
     out = {
         "step_times_s": times,
+        "gc_s_per_step": r["gc_s_per_step"][warmup_steps:],
         "tokens": batch_size * seq_len * len(times),
         "notes": (
             f"node: SFTTrainer ({backend}), unpacked path (train_on_responses_only on unsloth), "
