@@ -9,7 +9,8 @@
 #     LANES="0:tp_gemma,tp_phi4 1:tp_phi16,tp_gemma4 2:epoch,test_train 3:test_pipeline"   (x4, 545 s)
 #     LANES="0:test_pipeline 1:test_train,epoch_own 2:probe,test_gpu_dir 3:epoch_ext"      (x4, 481 s)
 #   and of 2026-11-30 (all three implementations side by side, the packed == unpacked check):
-#     LANES="0:test_packed,tp_gemma 1:tp_phi16,tp_fg"                                      (x2)
+#     LANES="0:test_packed,tp_gemma 1:tp_phi16,tp_fg" TP_IMPL=unsloth,unsloth_head,node,hf,hf_head  (x2, 523 s)
+#     LANES="0:test_packed 1:tp_phi16,test_gpu_dir" PACKED_K=step_matches_unpacked T_TEST=555     (x2, 580 s)
 #
 # Stages:
 #   tp_<case>      benchmarks/train_throughput.py --share-process --impl $TP_IMPL (default
@@ -23,10 +24,12 @@
 #                  the extractor's lengths;
 #   probe          benchmarks/probe_classifier_memory.py on Phi-4-mini, 16-bit and 4-bit;
 #   test_train     pytest -m gpu tests/test_training_gpu.py (unsloth + hf backends, 4-bit, packing);
-#   test_packed    only its packing tests (packed == unpacked on the unsloth backend, the packed node);
+#   test_packed    only its packing tests (packed == unpacked on the unsloth backend, the packed node;
+#                  PACKED_K narrows pytest's -k, default "packed");
 #   test_pipeline  pytest -m gpu tests/gpu/test_pipeline_gpu.py (the whole tiny pipeline on the GPU);
 #   test_gpu_dir   the rest of tests/gpu (the GPU site, the benchmark harness).
-# Lanes share the host's CPUs: compile phases overlap, the timed steps are GPU-bound on separate GPUs.
+# Lanes share the host's CPUs: compile phases overlap, and absolute tokens/s moved between calls (all
+# implementations of one run alike), so compare implementations within one run.
 set -uo pipefail
 OUT=${OUT:-$PWD/benchmarks/results/gpu_suite}
 mkdir -p "$OUT" "$OUT/logs"
@@ -79,7 +82,7 @@ stage() {
     local what=tests/test_training_gpu.py lim=$T_TEST
     [ "$s" = test_pipeline ] && what=tests/gpu/test_pipeline_gpu.py && lim=$T_PIPE
     [ "$s" = test_gpu_dir ] && what="tests/gpu --deselect tests/gpu/test_pipeline_gpu.py" && lim=$T_TEST
-    [ "$s" = test_packed ] && what="tests/test_training_gpu.py -k packed"
+    [ "$s" = test_packed ] && what="tests/test_training_gpu.py -k ${PACKED_K:-packed}"
     [ "$s" = test_train_tail ] && what="tests/test_training_gpu.py::test_unsloth_4bit_lora_only_updates tests/test_training_gpu.py::test_unsloth_packed_sft_uses_varlen_attention"
     stamp "pytest $what (limit ${lim}s)"
     # SIGINT, not TERM: pytest then still prints the failures it has.

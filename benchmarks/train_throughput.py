@@ -40,6 +40,7 @@ so a run cut off by ``--budget-s`` or the device's time limit still leaves its f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -387,8 +388,6 @@ def _run_loop(model, case: dict, device: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, losses, gc_steps = [], [], []
-    import gc
-
     gc_s = [0.0, 0.0]  # [start of the running collection, total seconds]
 
     def on_gc(phase, info):
