@@ -111,7 +111,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if r["exists"]:
             extra = f"{r['size_bytes'] / 1e6:9.2f} MB  {r['age_seconds'] / 3600:7.2f} h old"
         else:
-            extra = "not built"
+            from dagtune.staleness import describe
+
+            extra = "not built: " + describe(r.get("reasons", []))
         print(f"  {r['name']:<24} {r['key'][:12]}  {extra}")
     return 0
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from dagtune.code_identity import code_inputs
 from dagtune.config import PipelineConfig, RuntimeConfig
 from dagtune.store import Artifact, ArtifactStore, content_key
 
@@ -64,16 +65,33 @@ class Node:
     extra_inputs: str | None = None
     # Nodes that load models take one of runtime.max_parallel_training slots: on one GPU they queue.
     needs_training_slot: bool = False
+    # Source paths (relative to the project root) that implement the node and the libraries whose
+    # version changes its output: both enter the key (dagtune.code_identity).
+    code: tuple[str, ...] = ()
+    libraries: tuple[str, ...] = ()
 
     def load(self, attr: str) -> Callable[..., Any]:
         mod, fn = attr.split(":")
         return getattr(importlib.import_module(mod), fn)
 
 
+# What each node's output depends on besides its inputs (see Node.code / Node.libraries). Packages,
+# not single files, where a package implements the node: files move inside packages.
+MODELS_CODE = ("dagtune/models/__init__.py",)  # tiny models are keyed by their own artifact key
+TRAIN_CODE = ("dagtune/training", *MODELS_CODE)
+TRAIN_LIBS = ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
 NODES: dict[str, Node] = {
     n.name: n
     for n in [
-        Node("prepare_data", "1", (), "dagtune.data.node:build", "dagtune.data.node:key_inputs"),
+        Node(
+            "prepare_data",
+            "1",
+            (),
+            "dagtune.data.node:build",
+            "dagtune.data.node:key_inputs",
+            code=("dagtune/data", "dagtune/formats.py", *MODELS_CODE),
+            libraries=("transformers", "tokenizers", "datasets"),
+        ),
         Node(
             "train_function_calling",
             "1",
@@ -81,6 +99,8 @@ NODES: dict[str, Node] = {
             "dagtune.training.sft:build_function_calling",
             "dagtune.training.sft:key_inputs_function_calling",
             needs_training_slot=True,
+            code=TRAIN_CODE,
+            libraries=TRAIN_LIBS,
         ),
         Node(
             "train_extractor",
@@ -89,6 +109,8 @@ NODES: dict[str, Node] = {
             "dagtune.training.sft:build_extractor",
             "dagtune.training.sft:key_inputs_extractor",
             needs_training_slot=True,
+            code=TRAIN_CODE,
+            libraries=TRAIN_LIBS,
         ),
         Node(
             "train_classifier",
@@ -97,6 +119,8 @@ NODES: dict[str, Node] = {
             "dagtune.training.classifier:build_classifier",
             "dagtune.training.classifier:key_inputs",
             needs_training_slot=True,
+            code=TRAIN_CODE,
+            libraries=TRAIN_LIBS,
         ),
         Node(
             "evaluate",
@@ -104,6 +128,9 @@ NODES: dict[str, Node] = {
             ("prepare_data", "train_function_calling", "train_extractor", "train_classifier"),
             "dagtune.evaluation.node:build",
             needs_training_slot=True,
+            # evaluate loads the classifier through dagtune.training.classifier
+            code=("dagtune/evaluation", "dagtune/formats.py", *TRAIN_CODE),
+            libraries=("torch", "transformers", "peft"),
         ),
         Node(
             "convert_gguf",
@@ -112,6 +139,8 @@ NODES: dict[str, Node] = {
             "dagtune.gguf.node:build",
             "dagtune.gguf.node:key_inputs",
             needs_training_slot=True,
+            code=("dagtune/gguf", *MODELS_CODE),
+            libraries=("torch", "transformers", "gguf", "llama_cpp_python"),
         ),
         Node(
             "register",
@@ -126,6 +155,8 @@ NODES: dict[str, Node] = {
             ),
             "dagtune.registry.node:build",
             "dagtune.registry.node:key_inputs",
+            code=("dagtune/registry",),
+            libraries=("mlflow",),
         ),
     ]
 }
@@ -156,6 +187,8 @@ def node_inputs(name: str, cfg: PipelineConfig, upstream_keys: dict[str, str]) -
     }
     if node.extra_inputs:
         inputs["extra"] = node.load(node.extra_inputs)(cfg)
+    backend = inputs.get("extra", {}).get("backend")  # training nodes: unsloth libs count on unsloth only
+    inputs["code"] = code_inputs(node.code, node.libraries, backend)
     return inputs
 
 
@@ -264,7 +297,9 @@ def training_slot(lock_dir: Path, slots: int, name: str) -> Iterator[None]:
 
 
 def node_status(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """For `dagtune status`: each node's key, whether its artifact exists, size and age."""
+    """For `dagtune status`: each node's key, whether its artifact exists, size and age; for a node not
+    built, why (``reasons``: data / code / config / upstream / missing, see dagtune.staleness)."""
+    from dagtune.staleness import why_not_built
     from dagtune.store import dir_size
 
     store = ArtifactStore(cfg.artifact_root)
@@ -272,6 +307,8 @@ def node_status(cfg: PipelineConfig) -> list[dict[str, Any]]:
     for name, p in plan(cfg).items():
         art = store.get(name, p["key"])
         row: dict[str, Any] = {"name": name, "key": p["key"], "exists": art is not None, "artifact": None}
+        if art is None:  # what differs from the newest artifact of this node: data, code, config, ...
+            row["reasons"] = why_not_built(store, name, p["inputs"])
         if art:
             m = art.manifest()
             row.update(
