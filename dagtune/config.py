@@ -89,6 +89,12 @@ class SourceConfig(Section):
     )
     hf_config: str | None = F(None, "kind=hf: dataset config name.")
     hf_split: str = F("train", "kind=hf: split to load.")
+    revision: str | None = F(
+        None,
+        "kind=hf with a hub id: branch, tag or commit sha to load (None = main). Resolved to its commit "
+        "sha at plan time; the sha enters the key and is the revision loaded (offline: the last sha the "
+        "local HF cache recorded, with a warning). Ignored for a local save_to_disk directory.",
+    )
     num_examples: int = F(600, "kind=synthetic: how many examples to generate.", ge=1)
 
     @model_validator(mode="after")
@@ -193,6 +199,11 @@ class ModelConfig(Section):
     name: str = F(
         ...,
         "Hub id, local directory, or a project-built tiny model (tiny-functiongemma, tiny-gemma3, tiny-phi3).",
+    )
+    revision: str | None = F(
+        None,
+        "Hub models only: branch, tag or commit sha (None = main), resolved to its commit sha at plan time; "
+        "the sha enters the key and is the snapshot loaded. Tiny models and local directories ignore it.",
     )
     load_in_4bit: bool = F(
         False, "Load the base in 4-bit NF4 (bitsandbytes; CUDA only, ignored on CPU with a warning)."

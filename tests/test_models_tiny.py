@@ -425,8 +425,14 @@ def test_resolve_model_builds_once(tmp_path, monkeypatch):
     assert Path(p1) == store.path("base_models", art.key)
 
 
-def test_resolve_local_and_hub(tmp_path, dirs, store):
-    assert resolve_model("microsoft/Phi-4-mini-instruct", store) == "microsoft/Phi-4-mini-instruct"
+def test_resolve_local_and_hub(tmp_path, dirs, store, monkeypatch):
+    from huggingface_hub import constants
+
+    # a hub id loads as the snapshot of its resolved commit: offline with an empty cache that fails
+    # clearly instead of loading whatever main is (the tests run offline: conftest)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(Exception, match="(?i)cache|offline"):
+        resolve_model("microsoft/Phi-4-mini-instruct", store, revision="c" * 40)
     assert resolve_model(str(dirs["tiny-phi3"]), store) == str(dirs["tiny-phi3"].resolve())
     assert is_tiny("tiny-gemma3") and not is_tiny("google/gemma-3-1b-it")
     assert reference_model("tiny-phi3") == "microsoft/Phi-4-mini-instruct"
@@ -437,8 +443,10 @@ def test_resolve_local_and_hub(tmp_path, dirs, store):
 def test_model_fingerprint(tmp_path, dirs, store):
     fp = model_fingerprint("tiny-functiongemma", store)
     assert fp == {"tiny": "tiny-functiongemma", "artifact_key": dirs["tiny-functiongemma"].name}
-    assert model_fingerprint("unsloth/functiongemma-270m-it", store) == {
-        "hub_id": "unsloth/functiongemma-270m-it"
+    # a hub id is keyed by the commit its revision resolves to (see tests/test_hub_revisions.py)
+    assert model_fingerprint("unsloth/functiongemma-270m-it", store, revision="c" * 40) == {
+        "hub_id": "unsloth/functiongemma-270m-it",
+        "revision": "c" * 40,
     }
     import shutil
 

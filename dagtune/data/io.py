@@ -174,7 +174,16 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
 
 
-def read_hf(hf_id: str, hf_config: str | None, split: str, config_dir: Path, bad: BadRowLog) -> SourceRows:
+def read_hf(
+    hf_id: str,
+    hf_config: str | None,
+    split: str,
+    config_dir: Path,
+    bad: BadRowLog,
+    revision: str | None = None,
+) -> SourceRows:
+    """A save_to_disk directory, a local dataset folder, or a hub dataset at the commit sha its key
+    holds (``revision``: the configured branch/tag/sha, see dagtune.hub)."""
     import datasets
 
     local = resolve(hf_id, config_dir)
@@ -186,9 +195,13 @@ def read_hf(hf_id: str, hf_config: str | None, split: str, config_dir: Path, bad
                 if split not in ds:
                     raise DataError(f"{local}: split {split!r} not found; available: {sorted(ds)}")
                 ds = ds[split]
+        elif local.is_dir():
+            ds = datasets.load_dataset(str(local), hf_config, split=split)
         else:
-            target = str(local) if local.is_dir() else hf_id
-            ds = datasets.load_dataset(target, hf_config, split=split)
+            from dagtune.hub import loaded_revision
+
+            sha = loaded_revision("dataset", hf_id, revision, f"source {hf_id}")
+            ds = datasets.load_dataset(hf_id, hf_config, split=split, revision=sha)
     except DataError:
         raise
     except Exception as e:  # hub errors, missing splits, bad data files: say which dataset, then stop
@@ -208,5 +221,12 @@ def read_rows(source: Any, config_dir: Path, task: str) -> SourceRows:
         return read_file(source.path, config_dir, BadRowLog(task, source.path))
     if source.kind == "hf":
         name = f"{source.hf_id}[{source.hf_split}]"
-        return read_hf(source.hf_id, source.hf_config, source.hf_split, config_dir, BadRowLog(task, name))
+        return read_hf(
+            source.hf_id,
+            source.hf_config,
+            source.hf_split,
+            config_dir,
+            BadRowLog(task, name),
+            source.revision,
+        )
     raise ValueError(f"read_rows: source kind {source.kind!r} has no rows to read")

@@ -302,6 +302,7 @@ def file_digest(path: Path) -> dict[str, str]:
 
 def key_inputs(cfg: Any) -> dict[str, Any]:
     """What the section alone does not capture: source bytes and the tokenizers' identities."""
+    from dagtune.hub import resolve_revision
     from dagtune.models import model_fingerprint
     from dagtune.store import ArtifactStore
 
@@ -315,9 +316,18 @@ def key_inputs(cfg: Any) -> dict[str, Any]:
             entry["file"] = file_digest(resolve(src.path, config_dir))
         elif src.kind == "hf" and resolve(src.hf_id, config_dir).exists():
             entry["hf_local"] = file_digest(resolve(src.hf_id, config_dir))
+        elif src.kind == "hf":  # a hub dataset: the commit its revision resolves to (dagtune.hub)
+            where = f"prepare_data.{task}.source.revision"
+            entry["hub"] = {
+                "id": src.hf_id,
+                "revision": resolve_revision("dataset", src.hf_id, src.revision, where),
+            }
         if src.kind != "synthetic" and src.catalog:
             entry["catalog"] = file_digest(resolve(src.catalog, config_dir))
         sources[task] = entry
     store = ArtifactStore(cfg.artifact_root)
-    tokenizers = {t: model_fingerprint(getattr(section.tokenizers, t), store) for t in TASKS}
+    tokenizers = {
+        t: model_fingerprint(getattr(section.tokenizers, t), store, where=f"prepare_data.tokenizers.{t}")
+        for t in TASKS
+    }
     return {"sources": sources, "tokenizers": tokenizers}

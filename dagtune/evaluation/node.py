@@ -103,10 +103,11 @@ def fine_tuned_paths(art: Artifact) -> tuple[str, str | None, str]:
     raise FileNotFoundError(f"{art.node} artifact {art.path} has neither merged/ nor adapter/")
 
 
-def _resolve_base(name: str, store: Any) -> str:
-    from dagtune.models import resolve_model
+def _resolve_base(name: str, store: Any, art: Artifact) -> str:
+    """The base model at the hub commit its training artifact was keyed at (hub ids)."""
+    from dagtune.models import base_revision, resolve_model
 
-    return resolve_model(name, store)
+    return resolve_model(name, store, base_revision(art.manifest()))
 
 
 class _Timer:
@@ -131,7 +132,7 @@ def _generate_roles(
     configs, and the fine-tune's generations for ``extra_prompts`` (the verdict lines) from the same
     loaded model."""
     model_path, adapter, base_name = fine_tuned_paths(art)
-    base_path = _resolve_base(base_name, store)
+    base_path = _resolve_base(base_name, store, art)
     roles: dict[str, tuple[str, str | None]] = {"fine_tuned": (model_path or base_path, adapter)}
     if cfg.compare_base:
         roles["base"] = (base_path, None)

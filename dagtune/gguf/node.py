@@ -40,10 +40,11 @@ def _prompts(data_dir: Path, task: str, n: int) -> list[str]:
 def _base_dir(ctx: NodeContext, train_node: str) -> Path:
     """The base model's directory: its SentencePiece ``tokenizer.model`` (which a merge through
     transformers 5 does not write) is what llama.cpp's Gemma converter builds the vocab from."""
-    from dagtune.models import resolve_model
+    from dagtune.models import base_revision, resolve_model
 
-    name = ctx.upstream[train_node].manifest()["inputs"]["config"]["model"]["name"]
-    path = Path(resolve_model(name, ctx.store))
+    manifest = ctx.upstream[train_node].manifest()
+    name = manifest["inputs"]["config"]["model"]["name"]
+    path = Path(resolve_model(name, ctx.store, base_revision(manifest)))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download

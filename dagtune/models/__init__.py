@@ -3,7 +3,8 @@
 * a tiny name (``tiny-functiongemma``, ``tiny-gemma3``, ``tiny-phi3``) is built once into the artifact
   store (node ``base_models``) and resolves to that directory;
 * an existing local directory resolves to its absolute path;
-* anything else is a hub id, passed unchanged to ``from_pretrained``.
+* anything else is a hub id, resolved to a commit sha (``dagtune.hub``; ``revision`` picks the branch,
+  tag or sha, default main) and downloaded as that snapshot, whose local directory is what loads.
 
 ``model_fingerprint`` is what content keys use for "which base model": it never loads a model, so
 ``plan``/``status`` stay cheap. Heavy imports (torch, transformers) happen inside functions only.
@@ -42,6 +43,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 __all__ = [
     "NODE",
     "TINY_MODELS",
+    "base_revision",
     "TINY_VERSION",
     "build_tiny",
     "copy_tokenizer_files",
@@ -86,22 +88,31 @@ def _local_dir(name: str) -> Path | None:
     return p.resolve() if p.is_dir() else None
 
 
-def resolve_model(name: str, store: ArtifactStore) -> str:
+# Files of hub model repos that no loader here reads (other frameworks, original checkpoints, GGUF).
+_SNAPSHOT_IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.tflite", "original/*"]
+
+
+def resolve_model(name: str, store: ArtifactStore, revision: str | None = None) -> str:
     """What to pass to ``from_pretrained``: the tiny model's store directory, a local directory's
-    absolute path, or the hub id unchanged."""
+    absolute path, or the local snapshot of a hub model at the commit its key holds."""
     if is_tiny(name):
         art, _ = ensure_tiny(name, store)
         return str(art.dir)
     local = _local_dir(name)
     if local is not None:
         return str(local)
-    return name
+    from huggingface_hub import snapshot_download
+
+    from dagtune.hub import loaded_revision
+
+    sha = loaded_revision("model", name, revision, f"model {name}")
+    return snapshot_download(name, revision=sha, ignore_patterns=_SNAPSHOT_IGNORE)
 
 
-def load_tokenizer(name: str, store: ArtifactStore) -> Any:
+def load_tokenizer(name: str, store: ArtifactStore, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(name, store))
+    return AutoTokenizer.from_pretrained(resolve_model(name, store, revision))
 
 
 def _dir_digest(d: Path) -> str:
@@ -117,15 +128,26 @@ def _dir_digest(d: Path) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(name: str, store: ArtifactStore) -> dict[str, str]:
+def model_fingerprint(
+    name: str, store: ArtifactStore, revision: str | None = None, where: str = ""
+) -> dict[str, str]:
     """Identity of a base model for content keys (nothing is built or loaded).
 
     tiny: its artifact key (which covers the builder code and templates); local directory: sha256 over
     config, generation config and tokenizer files plus weight file names and sizes (not the path, so a
-    moved copy keeps its key); hub id: the id."""
+    moved copy keeps its key); hub id: the id and the commit sha ``revision`` resolves to (``where``
+    names the config path in errors)."""
     if is_tiny(name):
         return {"tiny": name, "artifact_key": content_key(tiny_inputs(name))}
     local = _local_dir(name)
     if local is not None:
         return {"local_sha256": _dir_digest(local)}
-    return {"hub_id": name}
+    from dagtune.hub import resolve_revision
+
+    return {"hub_id": name, "revision": resolve_revision("model", name, revision, where or f"model {name}")}
+
+
+def base_revision(train_manifest: dict[str, Any]) -> str | None:
+    """The hub commit a training artifact's base model was keyed (and loaded) at, or None."""
+    model = (train_manifest.get("inputs", {}).get("extra") or {}).get("model") or {}
+    return model.get("revision")

@@ -137,7 +137,9 @@ def key_inputs_for(section: Any, runtime: Any, store_root: Path) -> dict[str, An
     return {
         "device": device,
         "backend": resolve_backend(runtime, device),
-        "model": model_fingerprint(section.model.name, ArtifactStore(store_root)),
+        "model": model_fingerprint(
+            section.model.name, ArtifactStore(store_root), section.model.revision, "model.revision"
+        ),
     }
 
 
@@ -467,7 +469,7 @@ def load_lora_model(
     (LoRA A is random): same seed, same initial adapter."""
     from dagtune.models import load_tokenizer, resolve_model
 
-    model_path = resolve_model(section.model.name, store)
+    model_path = resolve_model(section.model.name, store, section.model.revision)
     dtype = resolve_dtype(section.model, device)
     quant = use_4bit(section.model, device)
     if backend == "unsloth":
@@ -497,7 +499,7 @@ def load_lora_model(
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(section.model.name, store)
+    tokenizer = load_tokenizer(section.model.name, store, section.model.revision)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quant:
         kwargs["quantization_config"] = bnb_config(dtype)
