@@ -155,11 +155,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     }
     if error:
         out["error"] = error
+    from dagtune.registry.node import registry_block, registry_lines
+
+    register_dir = next((r.get("artifact") for r in rows if r["name"] == "register"), None)
+    registry = registry_block(register_dir)  # versions, gate outcome and aliases per model
+    if registry is not None:
+        out["registry"] = registry
     if args.json:
         print(json.dumps(out))
     else:
         for r in rows:
             print(f"  {r['name']:<24} {r['status']:<7} {r['seconds']:8.1f}s  {r['key'][:12]}")
+        if registry is not None:
+            print("registry:")
+            print("\n".join(registry_lines(registry)))
         print(("FAILED: " + error) if error else f"done in {out['seconds']:.1f}s")
     return 0 if error is None else 1
 

@@ -369,8 +369,17 @@ class ConvertGgufConfig(Section):
 
 
 class PromotionGate(Section):
-    metric: str = F("exact_match", "Metric (from evaluate's metrics.json of that model) the gate compares.")
-    min_delta: float = F(0.0, "The challenger must reach champion + min_delta.")
+    metric: str = F(
+        "exact_match",
+        "Headline metric the gate compares: a per-example column of evaluate's predictions (exact_match, "
+        "score, ...) or, for the classifier, macro_f1 | accuracy | balanced_accuracy | f1_flawed.",
+    )
+    min_delta: float = F(
+        0.0,
+        "Promote only when the lower bound of the 95% paired-bootstrap interval (2,000 resamples, fixed "
+        "seed) of the improvement over the champion, on the same test rows, is above this. The challenger "
+        "must also beat its own base (the classifier: the majority-class baseline).",
+    )
     max_group_drop: float = F(
         0.05, "No per-dialect/per-group value of the metric may drop by more than this."
     )

@@ -155,7 +155,9 @@ NODES: dict[str, Node] = {
             ),
             "dagtune.registry.node:build",
             "dagtune.registry.node:key_inputs",
-            code=("dagtune/registry",),
+            # the gate re-scores the champion with evaluate's functions: it may load a model
+            needs_training_slot=True,
+            code=("dagtune/registry", "dagtune/evaluation", *MODELS_CODE),
             libraries=("mlflow",),
         ),
     ]

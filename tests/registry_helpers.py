@@ -130,28 +130,85 @@ def tiny_gemma3(out: Path, seed: int = 0) -> None:
     tok.save_pretrained(out)
 
 
-def fc_metrics(exact: float, by_dialect: dict[str, float]) -> dict[str, Any]:
+def fc_metrics(exact: float, by_dialect: dict[str, float], n: int = 20) -> dict[str, Any]:
     return {
         "exact_match": exact,
-        "by_dialect": {d: {"exact_match": v, "n": 20} for d, v in by_dialect.items()},
+        "by_dialect": {d: {"exact_match": v, "n": n} for d, v in by_dialect.items()},
     }
+
+
+ROWS_PER_DIALECT = 50
+CLASSIFIER_ROWS = 100
+
+
+def fc_predictions(dialects: dict[str, float], base_rate: float = 0.1) -> Any:
+    """evaluate's predictions/function_calling.parquet: ROWS_PER_DIALECT rows per dialect, the first
+    ``rate`` of them correct (so a higher rate is a superset: a paired, clearly better model), for the
+    fine-tune and its base."""
+    import pandas as pd
+
+    rows = []
+    for role, rates in (("fine_tuned", dialects), ("base", dict.fromkeys(dialects, base_rate))):
+        for d, rate in rates.items():
+            k = round(rate * ROWS_PER_DIALECT)
+            for i in range(ROWS_PER_DIALECT):
+                rows.append({"model": role, "id": f"{d}-{i}", "dialect": d, "exact_match": i < k})
+    return pd.DataFrame(rows)
+
+
+def classifier_labels() -> list[int]:
+    return [i % 2 for i in range(CLASSIFIER_ROWS)]
+
+
+def classifier_predictions(f1: float) -> Any:
+    """predictions/classifier.parquet: balanced labels, the first (1 - f1) share of rows wrong."""
+    import pandas as pd
+
+    labels = classifier_labels()
+    wrong = round((1 - f1) * CLASSIFIER_ROWS)
+    preds = [1 - y if i < wrong else y for i, y in enumerate(labels)]
+    return pd.DataFrame({"id": [f"c{i}" for i in range(CLASSIFIER_ROWS)], "label": labels, "pred": preds})
+
+
+def write_classifier_splits(out: Path) -> None:
+    """prepare_data's classifier splits: a flawed row says "wrong" (what the stand-in loader looks
+    for), so a re-scored stand-in classifier is right on every row."""
+    import pandas as pd
+
+    (out / "classifier").mkdir()
+    labels = classifier_labels()
+    for split in ("test", "validation"):
+        pd.DataFrame(
+            {
+                "id": [f"c{i}" for i in range(CLASSIFIER_ROWS)],
+                "prompt": ["step is wrong" if y else "step is fine" for y in labels],
+                "label": labels,
+            }
+        ).to_parquet(out / "classifier" / f"{split}.parquet", index=False)
 
 
 def build_artifacts(
     store: ArtifactStore,
     *,
     variant: str = "a",
-    fc_exact: float = 0.8,
+    fc_exact: float | None = None,
     fc_dialects: dict[str, float] | None = None,
     clf_f1: float = 0.7,
     merged: bool = False,
+    fc_base: float = 0.1,
+    evaluate_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Upstream artifacts for register_pipeline, built through the real store (manifests, hashes).
-    ``variant`` changes the model bytes (a new version); the metrics change what the gate sees."""
-    dialects = fc_dialects or {"MSA": 0.8, "Gulf": 0.7}
+    ``variant`` changes the model bytes (a new version); the scores change what the gate sees:
+    ``fc_dialects`` (or ``fc_exact`` for every dialect) is the fine-tune's share of correct rows per
+    dialect, ``fc_base`` its base's, ``clf_f1`` the classifier's. ``evaluate_config`` overrides the
+    evaluate section recorded in the manifest (another evaluation config)."""
+    dialects = fc_dialects or dict.fromkeys(("MSA", "Gulf"), 0.8 if fc_exact is None else fc_exact)
+    fc_overall = sum(dialects.values()) / len(dialects)
 
     def data(out: Path, _: Path) -> dict[str, Any]:
         (out / "train.jsonl").write_text('{"x": 1}\n')
+        write_classifier_splits(out)
         return {"rows": 1}
 
     def train_fc(out: Path, _: Path) -> dict[str, Any]:
@@ -174,26 +231,35 @@ def build_artifacts(
         return {"train_seconds": 3.0}
 
     def evaluate(out: Path, _: Path) -> dict[str, Any]:
+        n = ROWS_PER_DIALECT
         metrics = {
-            "function_calling": {"fine_tuned": fc_metrics(fc_exact, dialects), "base": fc_metrics(0.1, {})},
+            "function_calling": {
+                "fine_tuned": fc_metrics(fc_overall, dialects, n),
+                "base": fc_metrics(fc_base, dict.fromkeys(dialects, fc_base), n),
+            },
             "classifier": {"fine_tuned": {"macro_f1": clf_f1, "threshold": 0.5}},
         }
         (out / "metrics.json").write_text(json.dumps(metrics))
-        return {"function_calling.exact_match": fc_exact}
+        (out / "predictions").mkdir()
+        fc_predictions(dialects, fc_base).to_parquet(out / "predictions" / "function_calling.parquet")
+        classifier_predictions(clf_f1).to_parquet(out / "predictions" / "classifier.parquet")
+        return {"function_calling.exact_match": fc_overall}
 
     from dagtune.config import load_config
 
-    cfg = load_config(profile="tiny")  # each manifest records its node's config section, as run_node does
-    arts = {}
+    cfg = load_config(profile="tiny", overrides={"evaluate": evaluate_config or {}})
+    arts: dict[str, Any] = {}
     for node, fn, extra in (
         ("prepare_data", data, {}),
         ("train_function_calling", train_fc, {"variant": variant, "merged": merged}),
         ("convert_gguf", gguf, {"variant": variant}),
         ("train_classifier", train_clf, {"variant": variant}),
-        ("evaluate", evaluate, {"variant": variant, "fc": fc_exact, "d": dialects, "clf": clf_f1}),
+        ("evaluate", evaluate, {"fc": fc_overall, "d": dialects, "clf": clf_f1, "base": fc_base}),
     ):
-        inputs = {"node": node, "config": getattr(cfg, node).model_dump(mode="json"), **extra}
-        arts[node], _ = store.build_once(node, inputs, fn)
+        # each manifest records its node's config section and upstream keys, as run_node does
+        upstream = {u: a.key for u, a in arts.items() if node == "evaluate" and u != "convert_gguf"}
+        inputs = {"node": node, "config": getattr(cfg, node).model_dump(mode="json"), "upstream": upstream}
+        arts[node], _ = store.build_once(node, {**inputs, **extra}, fn)
     return arts
 
 

@@ -19,6 +19,7 @@ from registry_helpers import (
 
 from dagtune.config import PromotionGate, load_config
 from dagtune.registry import registry as reg
+from dagtune.registry.gate import group_drops
 from dagtune.registry.node import RunInfo, register_pipeline, tracker_for
 from dagtune.registry.tracking import (
     RegistryUnavailable,
@@ -35,28 +36,18 @@ from dagtune.store import ArtifactStore
 # ----------------------------------------------------------------------------------------------
 # the gate (pure)
 # ----------------------------------------------------------------------------------------------
-GATE = PromotionGate(metric="exact_match", min_delta=0.01, max_group_drop=0.05)
+GATE = reg.Gate.of(PromotionGate(metric="exact_match", min_delta=0.01, max_group_drop=0.05))
 
 
-def test_gate_passes_without_champion():
-    assert reg.promotion_gate(fc_metrics(0.1, {}), None, GATE) == (True, ["no champion yet"])
-
-
-def test_gate_headline_and_min_delta():
-    champ = fc_metrics(0.70, {"MSA": 0.7})
-    ok, why = reg.promotion_gate(fc_metrics(0.71, {"MSA": 0.7}), champ, GATE)
-    assert ok, why  # exactly champion + min_delta passes (no float rounding failure)
-    ok, why = reg.promotion_gate(fc_metrics(0.705, {"MSA": 0.7}), champ, GATE)
-    assert not ok and "min_delta" in why[0]
-
-
+# The headline rule (base, champion, min_delta) is a paired bootstrap now: tests/test_registry_gate.py.
+# The per-group drop rule is unchanged:
 def test_gate_group_drop_and_missing_group():
     champ = fc_metrics(0.70, {"MSA": 0.80, "Gulf": 0.60})
-    ok, why = reg.promotion_gate(fc_metrics(0.80, {"MSA": 0.90, "Gulf": 0.54}), champ, GATE)
+    ok, why = group_drops(fc_metrics(0.80, {"MSA": 0.90, "Gulf": 0.54}), champ, GATE)
     assert not ok and any("by_dialect[Gulf]" in r and "dropped" in r for r in why)
-    ok, why = reg.promotion_gate(fc_metrics(0.80, {"MSA": 0.90, "Gulf": 0.56}), champ, GATE)
+    ok, why = group_drops(fc_metrics(0.80, {"MSA": 0.90, "Gulf": 0.56}), champ, GATE)
     assert ok, why  # a 0.04 drop is within tolerance
-    ok, why = reg.promotion_gate(fc_metrics(0.80, {"MSA": 0.90}), champ, GATE)
+    ok, why = group_drops(fc_metrics(0.80, {"MSA": 0.90}), champ, GATE)
     assert not ok and any("Gulf" in r and "no exact_match" in r for r in why)
 
 
@@ -64,8 +55,8 @@ def test_gate_reads_grouped_layout_and_skips_small_groups():
     # evaluation's layout: {"overall": {...}, "by_dialect": {...}}; tiny groups are noise
     champ = {"overall": {"exact_match": 0.5}, "by_dialect": {"Levant": {"exact_match": 1.0, "n": 2}}}
     new = {"overall": {"exact_match": 0.6}, "by_dialect": {"Levant": {"exact_match": 0.0, "n": 2}}}
-    assert not reg.promotion_gate(new, champ, PromotionGate())[0]
-    assert reg.promotion_gate(new, champ, PromotionGate(min_group_size=5))[0]
+    assert not group_drops(new, champ, reg.Gate.of(PromotionGate()))[0]
+    assert group_drops(new, champ, reg.Gate.of(PromotionGate(min_group_size=5)))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,14 +140,16 @@ def test_register_idempotent_alias_gate_promote_rollback_and_predict(cfg, capsys
     arts = build_artifacts(store)
     first = _run(cfg, arts)
     tr = tracker_for(cfg)
-    assert first["models"]["function_calling"] | {"gate_reasons": None} == {
+    assert first["models"]["function_calling"] | {"gate_reasons": None, "gate": None} == {
         "name": "fc",
         "version": "1",
         "created": True,
         "digest": first["models"]["function_calling"]["digest"],
         "gate_passed": True,
         "gate_reasons": None,
+        "gate": None,
         "champion": "1",
+        "challenger": None,
     }
     assert first["models"]["classifier"]["champion"] == "1"
 
@@ -188,17 +181,13 @@ def test_register_idempotent_alias_gate_promote_rollback_and_predict(cfg, capsys
     assert list(pred["label"]) == ["correct", "flawed"] and list(pred["probability"]) == [0.1, 0.9]
 
     # new bytes + a dialect that drops too much: v2 is challenger, champion stays v1
-    worse = _run(
-        cfg, build_artifacts(store, variant="b", fc_exact=0.9, fc_dialects={"MSA": 0.9, "Gulf": 0.5})
-    )
+    worse = _run(cfg, build_artifacts(store, variant="b", fc_dialects={"MSA": 0.96, "Gulf": 0.7}))
     fc = worse["models"]["function_calling"]
     assert (fc["version"], fc["created"], fc["gate_passed"], fc["champion"]) == ("2", True, False, "1")
     assert any("Gulf" in r for r in fc["gate_reasons"])
     assert str(reg.alias_version(tr, "fc", "challenger").version) == "2"
     # a better one passes and is promoted automatically
-    better = _run(
-        cfg, build_artifacts(store, variant="c", fc_exact=0.9, fc_dialects={"MSA": 0.9, "Gulf": 0.7})
-    )
+    better = _run(cfg, build_artifacts(store, variant="c", fc_dialects={"MSA": 0.96, "Gulf": 0.96}))
     assert better["models"]["function_calling"]["champion"] == "3"
     assert reg.alias_version(tr, "fc", "challenger") is None  # v3 won: no longer a challenger
 
@@ -247,9 +236,9 @@ def test_interrupted_registration_regates_on_rerun(cfg, monkeypatch):
     assert reg.alias_version(tr, "fc", "champion") is None and len(reg.list_versions(tr, "fc")) == 1
     monkeypatch.setattr(reg, "gate_and_alias", real)
     out = _run(cfg, build_artifacts(store))
-    assert out["models"]["function_calling"] | {"digest": 0, "gate_reasons": 0} == {
+    assert out["models"]["function_calling"] | {"digest": 0, "gate_reasons": 0, "gate": 0} == {
         "name": "fc", "version": "1", "created": False, "digest": 0,
-        "gate_passed": True, "gate_reasons": 0, "champion": "1",
+        "gate_passed": True, "gate_reasons": 0, "gate": 0, "champion": "1", "challenger": None,
     }  # fmt: skip
     assert len(reg.list_versions(tr, "fc")) == 1
 

@@ -21,6 +21,8 @@ from typing import Any
 
 from dagtune.registry import models as mdl
 from dagtune.registry import registry as reg
+from dagtune.registry import rescore
+from dagtune.registry.gate import Evidence, decide
 from dagtune.registry.tracking import (
     TAG_ARTIFACT_KEY,
     RetryPolicy,
@@ -31,7 +33,7 @@ from dagtune.registry.tracking import (
     pipeline_tags,
     read_jsonl,
 )
-from dagtune.store import Artifact
+from dagtune.store import Artifact, ArtifactStore
 
 log = logging.getLogger("dagtune.registry")
 
@@ -176,6 +178,7 @@ def register_model(
         run_id = node_runs[train.node]
         info, extra = _log_version_model(model, cfg, run_id, parts, {"digest": digest, "eval": eval_metrics})
         data = arts.get("prepare_data")
+        revisions = hub_revisions(arts, model)
         tags = reg.version_tags(
             artifacts={r: {k: v for k, v in p.items() if k != "path"} for r, p in parts.items()},
             dataset_digest=reg.manifest_digest(data.manifest()) if data else None,
@@ -183,26 +186,106 @@ def register_model(
             train_seconds=tm.get("metrics", {}).get("train_seconds", tm.get("timings", {}).get("seconds")),
             flow_run_id=run.flow_run_id,
             flow_run_url=run.flow_run_url,
-            extra=extra,
+            extra={**extra, **({"dagtune.hub_revisions": revisions} if revisions else {})},
         )
         mv, created = reg.register_version(
             tracker, rm.name, info.model_uri, digest, tags, run_id=run_id, model_id=info.model_id
         )
     else:
         mv, created = existing, False
-    passed, reasons = reg.gate_and_alias(
-        tracker, rm.name, mv, rm.gate, auto_promote=cfg.register.auto_promote
+    gate = reg.gate_and_alias(
+        tracker,
+        rm.name,
+        mv,
+        lambda champion: decide(gate_evidence(cfg, model, arts, champion, rm.gate), reg.Gate.of(rm.gate)),
+        auto_promote=cfg.register.auto_promote,
     )
     champion = reg.alias_version(tracker, rm.name, reg.CHAMPION)
+    challenger = reg.alias_version(tracker, rm.name, reg.CHALLENGER)
     return {
         "name": rm.name,
         "version": str(mv.version),
         "created": created,
         "digest": digest,
-        "gate_passed": passed,
-        "gate_reasons": reasons,
+        "gate_passed": gate.passed,
+        "gate_reasons": gate.reasons,
+        "gate": gate.details,
         "champion": str(champion.version) if champion is not None else None,
+        "challenger": str(challenger.version) if challenger is not None else None,
     }
+
+
+def gate_evidence(cfg: Any, model: str, arts: Mapping[str, Artifact], champion: Any, gate: Any) -> Evidence:
+    """Per-example scores for the gate: this run's fine-tune and its base (evaluate's predictions) and
+    the champion's on the same rows (dagtune.registry.rescore); what could not be scored says why."""
+    metric = reg.Gate.of(gate).metric
+    evaluate, data = arts.get("evaluate"), arts.get("prepare_data")
+    if evaluate is None or data is None:
+        return Evidence(None, None, champion_source="no evaluate artifact in this run")
+    ft, base = rescore.run_scores(evaluate, model, metric)
+    ev = Evidence(
+        ft.scores if ft else None,
+        base.scores if base else None,
+        base_kind="majority-class baseline" if model == "classifier" else "base model",
+        challenger_metrics=ft.metrics if ft else None,
+    )
+    if champion is None:
+        return ev
+    ev.champion_version = str(champion.version)
+    from dagtune.evaluation.generate import resolve_device
+
+    store = ArtifactStore(cfg.artifact_root)
+    scorer = rescore.Rescorer(store, resolve_device(cfg.runtime.device), cfg.register.classifier_loader)
+    try:
+        scored = rescore.champion_scores(store, evaluate, data, model, champion, metric, scorer)
+    except rescore.Unavailable as e:
+        ev.champion_source = str(e)
+    except Exception as e:  # a champion that cannot be loaded or scored: the gate says so, no promotion
+        log.warning("gate: %s champion v%s could not be re-scored: %s", model, champion.version, e)
+        ev.champion_source = f"re-scoring failed: {type(e).__name__}: {e}"
+    else:
+        ev.champion, ev.champion_metrics, ev.champion_source = scored.scores, scored.metrics, scored.source
+    return ev
+
+
+def hub_revisions(arts: Mapping[str, Artifact], model: str) -> dict[str, Any]:
+    """Hub commits this model was built from (base model, hub datasets), from the manifests' key inputs."""
+    out: dict[str, Any] = {}
+    train = arts.get(TRAIN_NODE[model])
+    base = ((train.manifest()["inputs"].get("extra") or {}).get("model") or {}) if train else {}
+    if base.get("revision"):
+        out["base_model"] = {"id": base.get("hub_id"), "revision": base["revision"]}
+    data = arts.get("prepare_data")
+    sources = ((data.manifest()["inputs"].get("extra") or {}).get("sources") or {}) if data else {}
+    hub = (sources.get(model) or {}).get("hub")
+    if hub:
+        out["dataset"] = hub
+    return out
+
+
+def registry_block(register_dir: str | Path | None) -> dict[str, Any] | None:
+    """For the CLI: per model the version, whether it was created, the gate outcome and the aliases,
+    from the register node's ``registered.json``."""
+    p = Path(register_dir) / "registered.json" if register_dir else None
+    if p is None or not p.is_file():
+        return None
+    models = json.loads(p.read_text()).get("models", {})
+    keys = ("name", "version", "created", "gate_passed", "gate_reasons", "champion", "challenger")
+    return {m: {k: r.get(k) for k in keys} for m, r in models.items()}
+
+
+def registry_lines(block: Mapping[str, Any]) -> list[str]:
+    """Human lines for ``dagtune run``: one per model, then the gate's reasons indented."""
+    lines = []
+    for model, r in block.items():
+        outcome = "passed" if r["gate_passed"] else "failed"
+        new = "new version" if r["created"] else "existing version"
+        lines.append(
+            f"  {model:<18} {r['name']} v{r['version']} ({new}): gate {outcome}; "
+            f"champion v{r['champion']}, challenger v{r['challenger']}"
+        )
+        lines.extend(f"      - {why}" for why in r.get("gate_reasons") or [])
+    return lines
 
 
 def register_pipeline(
@@ -253,7 +336,11 @@ def build(ctx: Any) -> dict[str, Any]:
     from types import SimpleNamespace
 
     view = SimpleNamespace(
-        register=ctx.section, tracking_uri=ctx.settings.tracking_uri, state_dir=ctx.settings.state_dir
+        register=ctx.section,
+        tracking_uri=ctx.settings.tracking_uri,
+        state_dir=ctx.settings.state_dir,
+        artifact_root=ctx.settings.artifact_root,  # the champion's artifacts, for re-scoring it
+        runtime=ctx.runtime,
     )
     run = RunInfo(
         config_hash=ctx.settings.config_hash,
@@ -265,7 +352,7 @@ def build(ctx: Any) -> dict[str, Any]:
     result = register_pipeline(view, ctx.upstream, run)
     (ctx.out / "registered.json").write_text(json.dumps(result, indent=2, default=str))
     return {
-        model: {k: r.get(k) for k in ("version", "created", "gate_passed", "champion")}
+        model: {k: r.get(k) for k in ("version", "created", "gate_passed", "champion", "challenger")}
         for model, r in result["models"].items()
     }
 

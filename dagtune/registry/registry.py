@@ -4,8 +4,9 @@
   hashes), stored as the version tag ``dagtune.digest``. ``register_version`` looks it up first
   (``search_model_versions`` with a tag filter) and returns the existing version instead of adding
   one, so rerunning the pipeline never duplicates a version.
-* A new version gets the ``challenger`` alias; the gate (config ``register.models.<m>.gate``)
-  decides whether ``champion`` moves to it when automatic promotion is on. The gate's outcome is
+* A new version gets the ``challenger`` alias; the gate (config ``register.models.<m>.gate``,
+  statistics in ``dagtune.registry.gate``) decides whether ``champion`` moves to it when automatic
+  promotion is on. The gate's outcome is
   written to the version last (``dagtune.gate_passed``): a run interrupted before that point re-gates
   on the rerun instead of leaving a version half-handled.
 * ``promote`` / ``rollback`` move ``champion`` and record who, why and when on the version and in
@@ -19,10 +20,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dagtune.registry.gate import GateResult
 from dagtune.registry.tracking import Tracker, numeric_leaves, safe_key
 
 log = logging.getLogger("dagtune.registry")
@@ -36,6 +38,7 @@ TAG_EVAL = "dagtune.eval_metrics"  # JSON of the model's metrics.json block (wha
 TAG_TRAIN_SECONDS = "dagtune.train_seconds"
 TAG_GATE_PASSED = "dagtune.gate_passed"
 TAG_GATE_REASONS = "dagtune.gate_reasons"
+TAG_GATE = "dagtune.gate"  # JSON: metric, bootstrap comparisons with base and champion, champion source
 TAG_HISTORY = "dagtune.champion_history"  # registered-model tag: JSON list of events (a stack)
 HISTORY_LIMIT = 200
 REASON_CHARS = 500
@@ -191,11 +194,6 @@ def set_challenger(tracker: Tracker, name: str, version: str | int) -> None:
     )
 
 
-def eval_metrics_of(version: Any) -> dict[str, Any] | None:
-    raw = (version.tags or {}).get(TAG_EVAL)
-    return json.loads(raw) if raw else None
-
-
 # ----------------------------------------------------------------------------------------------
 # the gate
 # ----------------------------------------------------------------------------------------------
@@ -221,83 +219,6 @@ class Gate:
             group_keys=tuple(keys) if keys is not None else None,
             min_group_size=int(getattr(gate, "min_group_size", 0) or 0),
         )
-
-
-_EPS = 1e-12  # 0.7 + 0.05 must not fail 0.75 on float rounding
-
-
-def _lookup(metrics: Mapping[str, Any], metric: str) -> float | None:
-    """A metric at the top level, under ``overall`` (evaluation's grouped layout) or at a dotted path."""
-    for candidate in (metrics, metrics.get("overall")):
-        if isinstance(candidate, Mapping):
-            node: Any = candidate
-            for part in metric.split("."):
-                node = node.get(part) if isinstance(node, Mapping) else None
-            if isinstance(node, int | float) and not isinstance(node, bool):
-                return float(node)
-    return None
-
-
-def _groups(metrics: Mapping[str, Any], keys: tuple[str, ...] | None) -> dict[str, Mapping[str, Any]]:
-    names = keys if keys is not None else tuple(k for k in metrics if k.startswith("by_"))
-    return {k: metrics[k] for k in names if isinstance(metrics.get(k), Mapping)}
-
-
-def _group_value(entry: Any, metric: str) -> tuple[float | None, int | None]:
-    if isinstance(entry, int | float) and not isinstance(entry, bool):
-        return float(entry), None
-    if isinstance(entry, Mapping):
-        n = entry.get("n")
-        return _lookup(entry, metric), int(n) if isinstance(n, int | float) else None
-    return None, None
-
-
-def promotion_gate(
-    challenger_metrics: Mapping[str, Any] | None,
-    champion_metrics: Mapping[str, Any] | None,
-    gate: Any,
-) -> tuple[bool, list[str]]:
-    """(passed, reasons). Passes when there is no champion yet; otherwise the challenger's metric
-    must reach champion + min_delta and no group value (per dialect, per domain, ...) may drop by
-    more than max_group_drop. A group the champion was measured on but the challenger was not
-    fails the gate: the comparison cannot be made."""
-    g = Gate.of(gate)
-    if champion_metrics is None:
-        return True, ["no champion yet"]
-    if not challenger_metrics:
-        return False, ["challenger has no evaluation metrics"]
-    reasons: list[str] = []
-    ok = True
-    new, old = _lookup(challenger_metrics, g.metric), _lookup(champion_metrics, g.metric)
-    if new is None:
-        return False, [f"challenger has no {g.metric!r}"]
-    if old is None:
-        reasons.append(f"champion has no {g.metric!r}; headline comparison skipped")
-    elif new + _EPS >= old + g.min_delta:
-        reasons.append(f"{g.metric} {new:.4f} >= champion {old:.4f} + {g.min_delta:g}")
-    else:
-        ok = False
-        reasons.append(f"{g.metric} {new:.4f} < champion {old:.4f} + min_delta {g.min_delta:g}")
-    new_groups = _groups(challenger_metrics, g.group_keys)
-    for key, old_groups in _groups(champion_metrics, g.group_keys).items():
-        for group, old_entry in old_groups.items():
-            old_v, old_n = _group_value(old_entry, g.metric)
-            if old_v is None or (old_n is not None and old_n < g.min_group_size):
-                continue
-            new_v, new_n = _group_value(new_groups.get(key, {}).get(group), g.metric)
-            if new_v is None:
-                ok = False
-                reasons.append(f"{key}[{group}]: challenger has no {g.metric}")
-                continue
-            if new_n is not None and new_n < g.min_group_size:
-                continue
-            if old_v - new_v > g.max_group_drop + _EPS:
-                ok = False
-                reasons.append(
-                    f"{key}[{group}] {g.metric} dropped {old_v - new_v:.4f} "
-                    f"({old_v:.4f} -> {new_v:.4f}) > max_group_drop {g.max_group_drop:g}"
-                )
-    return ok, reasons
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,32 +334,47 @@ def gate_and_alias(
     tracker: Tracker,
     name: str,
     version: Any,
-    gate: Any,
+    decide: Callable[[Any], GateResult],
     *,
     auto_promote: bool,
     who: str = "dagtune (auto)",
-) -> tuple[bool, list[str]]:
-    """After registration: challenger alias, gate against the champion, promote when it passes and
-    auto promotion is on. Runs once per version: the recorded outcome makes reruns a no-op."""
+) -> GateResult:
+    """After registration: challenger alias, ``decide(champion_version_or_None)`` (see
+    dagtune.registry.gate), promote when it passes and auto promotion is on. Runs once per version:
+    the outcome is written on the version (tags and description, ``dagtune.gate_passed`` last) and a
+    rerun returns it unchanged."""
     tags = version.tags or {}
     if TAG_GATE_PASSED in tags:
-        return tags[TAG_GATE_PASSED] == "true", json.loads(tags.get(TAG_GATE_REASONS) or "[]")
+        return GateResult(
+            tags[TAG_GATE_PASSED] == "true",
+            json.loads(tags.get(TAG_GATE_REASONS) or "[]"),
+            json.loads(tags.get(TAG_GATE) or "{}"),
+        )
     v = str(version.version)
     champion = alias_version(tracker, name, CHAMPION)
     if champion is not None and str(champion.version) == v:
-        return True, ["already champion"]
+        return GateResult(True, ["already champion"])
     set_challenger(tracker, name, v)
-    passed, reasons = promotion_gate(
-        eval_metrics_of(version), eval_metrics_of(champion) if champion is not None else None, gate
-    )
-    if passed and auto_promote:
-        promote(tracker, name, v, who, "gate passed: " + "; ".join(reasons))
-    elif passed:
-        reasons = reasons + ["auto_promote is off: champion not moved"]
+    result = decide(champion)
+    if result.passed and auto_promote:
+        promote(tracker, name, v, who, "gate passed: " + "; ".join(result.reasons))
+    elif result.passed:
+        result.reasons.append("auto_promote is off: champion not moved")
+    _record_gate(tracker, name, v, result)
+    return result
+
+
+def _record_gate(tracker: Tracker, name: str, v: str, result: GateResult) -> None:
     c = tracker.client
-    tracker.call(f"tag {name} v{v}", c.set_model_version_tag, name, v, TAG_GATE_REASONS, json.dumps(reasons))
-    tracker.call(f"tag {name} v{v}", c.set_model_version_tag, name, v, TAG_GATE_PASSED, str(passed).lower())
-    return passed, reasons
+    outcome = "passed" if result.passed else "failed"
+    description = f"promotion gate {outcome}:\n" + "\n".join(f"- {r}" for r in result.reasons)
+    tracker.call(f"describe {name} v{v}", c.update_model_version, name, v, description=description[:5000])
+    for key, value in (
+        (TAG_GATE, json.dumps(result.details, default=str)),
+        (TAG_GATE_REASONS, json.dumps(result.reasons, ensure_ascii=False)),
+        (TAG_GATE_PASSED, str(result.passed).lower()),  # last: its presence means "gated"
+    ):
+        tracker.call(f"tag {name} v{v}", c.set_model_version_tag, name, v, key, value)
 
 
 def list_versions(tracker: Tracker, name: str) -> list[Any]:
