@@ -16,9 +16,10 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from dagtune.config import ConfigError, PipelineConfig, load_config, profile_names, read_raw
+from dagtune.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config, profile_names, read_raw
 from dagtune.pipeline import NODE_ORDER
 
 
@@ -83,7 +84,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, args.profile)
+    cfg = load_config(args.config, args.profile)
+    # First line of every command: a config outside the repository moves the relative state dir next
+    # to it (a full cache miss), so say which config and which state dir this run uses.
+    config_path = Path(args.config).resolve() if args.config else DEFAULT_CONFIG
+    print(
+        f"dagtune: config {config_path} (profile {cfg.profile!r}), state dir {cfg.state_dir}", file=sys.stderr
+    )
+    return cfg
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

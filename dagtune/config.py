@@ -401,6 +401,13 @@ class RegisteredModel(Section):
     gate: PromotionGate = F(default_factory=PromotionGate, description="Promotion gate for this model.")
 
 
+DEFAULT_MODELS: dict[str, dict[str, Any]] = {
+    "function_calling": {"name": "dagtune-function-calling"},
+    "extractor": {"name": "dagtune-equation-extractor"},
+    "classifier": {"name": "dagtune-solution-classifier", "gate": {"metric": "macro_f1"}},
+}
+
+
 class RegisterConfig(Section):
     tracking_uri: str | None = F(
         None,
@@ -428,15 +435,26 @@ class RegisterConfig(Section):
         "with predict_proba(texts) -> list[float].",
     )
     models: dict[Literal["function_calling", "extractor", "classifier"], RegisteredModel] = F(
-        default_factory=lambda: {
-            "function_calling": RegisteredModel(name="dagtune-function-calling"),
-            "extractor": RegisteredModel(name="dagtune-equation-extractor"),
-            "classifier": RegisteredModel(
-                name="dagtune-solution-classifier", gate=PromotionGate(metric="macro_f1")
-            ),
-        },
-        description="Registered model per trained model.",
+        default_factory=lambda: {k: RegisteredModel.model_validate(v) for k, v in DEFAULT_MODELS.items()},
+        description="Registered model per trained model. A partial mapping is merged into the defaults "
+        "entry by entry (overriding one model's gate keeps the other models registered); set an entry "
+        "to null to stop registering that model.",
     )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _merge_models(cls, v: Any) -> Any:
+        """Partial overrides merge into the defaults (a YAML mapping replaces a default_factory)."""
+        if not isinstance(v, dict):
+            return v
+        merged: dict[str, Any] = {}
+        for key in dict.fromkeys([*DEFAULT_MODELS, *v]):
+            given = v.get(key, {})
+            if given is None:
+                continue  # explicitly not registered
+            default = DEFAULT_MODELS.get(key, {})
+            merged[key] = deep_merge(default, given) if isinstance(given, dict) else given
+        return merged
 
 
 # ----------------------------------------------------------------------------------------------

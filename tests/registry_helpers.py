@@ -279,6 +279,7 @@ def write_config(tmp_path: Path, names: tuple[str, str] = ("fc", "clf")) -> Path
         "models": {
             "function_calling": {"name": names[0], "gate": {"min_delta": 0.01, "max_group_drop": 0.05}},
             "classifier": {"name": names[1], "gate": {"metric": "macro_f1"}},
+            "extractor": None,  # not registered in these tests (partial mappings merge into the defaults)
         },
     }
     path = tmp_path / "pipeline_config.yaml"

@@ -99,6 +99,17 @@ def test_first_run_builds_every_node(built):
         assert set(n) == {"name", "status", "seconds", "key", "artifact"}
 
 
+def test_first_run_reports_the_registry_gate(built):
+    """--json carries a registry block: every model's version, gate outcome with reasons, aliases.
+    Two training steps do not beat the bases: each version is registered, none promoted."""
+    _, first = built
+    reg = first["registry"]
+    assert set(reg) == {"function_calling", "extractor", "classifier"}
+    for model in reg.values():
+        assert model["version"] == "1" and model["created"] is True
+        assert model["gate_reasons"] and model["gate_passed"] is (model["champion"] == "1")
+
+
 def test_second_run_is_cached_and_writes_nothing(built):
     state, first = built
     before = _snapshot(state / "artifacts")

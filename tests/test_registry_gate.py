@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,7 +20,10 @@ from dagtune.pipeline import run_node
 from dagtune.registry import registry as reg
 from dagtune.registry.gate import Evidence, TaskScores, decide, label_metric, paired_bootstrap
 from dagtune.registry.node import registry_block, registry_lines, tracker_for
+from dagtune.registry.tracking import git_commit
 from dagtune.store import ArtifactStore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GATE = reg.Gate.of(PromotionGate(metric="exact_match", min_delta=0.0))
 IDS = tuple(f"r{i}" for i in range(60))
@@ -131,6 +135,10 @@ def test_register_node_gate_cases_visible_in_mlflow_json_and_cli(cfg):
     v1 = tr.client.get_model_version("fc", "1")
     assert v1.tags["dagtune.gate_passed"] == "false" and "does not beat its base" in v1.description
     assert json.loads(v1.tags["dagtune.gate"])["vs_base"]["delta"] == pytest.approx(-0.2)
+    # lineage: the commit of the code that ran, although the config file lives outside the checkout
+    commit, _ = git_commit(ROOT)
+    parent = json.loads((art.dir / "registered.json").read_text())["parent_run_id"]
+    assert tr.client.get_run(parent).data.tags.get("mlflow.source.git.commit") == commit
     block = registry_block(art.path)
     assert (
         block["function_calling"]["gate_passed"] is False and block["function_calling"]["challenger"] == "1"

@@ -23,6 +23,7 @@ from dagtune.registry import models as mdl
 from dagtune.registry import registry as reg
 from dagtune.registry import rescore
 from dagtune.registry.gate import Evidence, decide
+from dagtune.registry.identity import content_digest
 from dagtune.registry.tracking import (
     TAG_ARTIFACT_KEY,
     RetryPolicy,
@@ -44,6 +45,7 @@ TRAIN_NODE = {
     "classifier": "train_classifier",
 }
 GENERATIVE = ("function_calling", "extractor")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding this dagtune package
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def _components(model: str, cfg: Any, arts: Mapping[str, Artifact]) -> dict[str,
     tm = train.manifest()
     parts: dict[str, dict[str, Any]] = {}
     if model == "classifier":
-        parts["classifier"] = {"node": train.node, "key": train.key, "sha256": reg.manifest_digest(tm)}
+        parts["classifier"] = {"node": train.node, "key": train.key, "sha256": content_digest(tm, train.dir)}
         parts["classifier"]["path"] = str(train.dir)
         return parts
     for role in ("adapter", "merged"):
@@ -107,7 +109,7 @@ def _components(model: str, cfg: Any, arts: Mapping[str, Artifact]) -> dict[str,
             parts[role] = {
                 "node": train.node,
                 "key": train.key,
-                "sha256": reg.manifest_digest(tm, f"{role}/"),
+                "sha256": content_digest(tm, train.dir, f"{role}/"),
                 "path": str(train.dir / role),
             }
     quant = cfg.register.gguf_quantization
@@ -347,7 +349,8 @@ def build(ctx: Any) -> dict[str, Any]:
         profile=ctx.settings.profile,
         flow_run_id=ctx.settings.flow_run_id,
         flow_run_url=ctx.settings.flow_run_url,
-        repo_dir=ctx.settings.config_dir,
+        # the commit of the code that ran, wherever the config file lives
+        repo_dir=PROJECT_ROOT,
     )
     result = register_pipeline(view, ctx.upstream, run)
     (ctx.out / "registered.json").write_text(json.dumps(result, indent=2, default=str))
