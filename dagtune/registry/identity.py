@@ -4,7 +4,8 @@
 ``target_modules`` in set order; a JSON file's digest here is taken over its canonical form with
 path-valued references reduced to their last component and those lists sorted, so the same adapter
 trained under another state directory is the same registered version. Files that describe a run
-rather than the model (``train_log.jsonl``: timings) are not part of a version's identity.
+or the model rather than being it (``train_log.jsonl``, PEFT's ``README.md`` model card) are not part
+of a version's identity.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 PATH_KEYS = ("base_model_name_or_path", "_name_or_path", "name_or_path")
 SORTED_LISTS = ("target_modules", "modules_to_save")
-RUN_FILES = ("train_log.jsonl",)
+# Files that describe a run or the model rather than being it: timings, PEFT's generated model card
+# (which repeats the absolute base-model path).
+NON_MODEL_FILES = ("train_log.jsonl", "README.md")
 
 
 def _is_path(value: str) -> bool:
@@ -57,6 +60,6 @@ def content_digest(manifest: Mapping[str, Any], root: Path, prefix: str = "") ->
     files = sorted(
         (f["path"], file_identity(root, f["path"], f["sha256"]))
         for f in manifest.get("files", [])
-        if f["path"].startswith(prefix) and Path(f["path"]).name not in RUN_FILES
+        if f["path"].startswith(prefix) and Path(f["path"]).name not in NON_MODEL_FILES
     )
     return hashlib.sha256(json.dumps(files, separators=(",", ":")).encode()).hexdigest()
