@@ -163,10 +163,11 @@ def test_register_idempotent_alias_gate_promote_rollback_and_predict(cfg, capsys
     t = v1.tags
     assert t["dagtune.artifact.gguf_q8_0.key"] == arts["convert_gguf"].key
     assert len(t["dagtune.artifact.gguf_q8_0.sha256"]) == 64 and len(t["dagtune.dataset_digest"]) == 64
-    assert (
-        json.loads(t["dagtune.eval_metrics"])["exact_match"] == 0.8
-        and t["eval.by_dialect.MSA.exact_match"] == "0.8"
-    )
+    # tags: lineage and headline numbers only; the full evaluation block is an artifact of the run
+    assert t["eval.exact_match"] == "0.8" and not any(k.startswith("eval.by_") for k in t)
+    full = json.loads(mlflow.artifacts.load_text(f"runs:/{v1.run_id}/eval_metrics/function_calling.json"))
+    assert full["by_dialect"]["MSA"]["exact_match"] == 0.8
+    assert len(t) < 40, sorted(t)
     assert t["dagtune.train_seconds"] == "12.5" and t["prefect.flow_run_id"] == "flow-1"
     assert t["dagtune.gate_passed"] == "true" and t["dagtune.promoted_by"] == "dagtune (auto)"
 

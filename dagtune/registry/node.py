@@ -179,6 +179,8 @@ def register_model(
         tm = train.manifest()
         run_id = node_runs[train.node]
         info, extra = _log_version_model(model, cfg, run_id, parts, {"digest": digest, "eval": eval_metrics})
+        if eval_metrics is not None:
+            reg.log_eval_metrics(tracker, run_id, model, eval_metrics)
         data = arts.get("prepare_data")
         revisions = hub_revisions(arts, model)
         tags = reg.version_tags(

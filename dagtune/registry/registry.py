@@ -34,7 +34,7 @@ CHALLENGER = "challenger"
 TAG_DIGEST = "dagtune.digest"
 TAG_ARTIFACTS = "dagtune.artifacts"  # JSON {role: {node, key, sha256}}
 TAG_DATASET_DIGEST = "dagtune.dataset_digest"
-TAG_EVAL = "dagtune.eval_metrics"  # JSON of the model's metrics.json block (what the gate reads)
+EVAL_ARTIFACT = "eval_metrics/{model}.json"  # the full metrics.json block, in the version's run
 TAG_TRAIN_SECONDS = "dagtune.train_seconds"
 TAG_GATE_PASSED = "dagtune.gate_passed"
 TAG_GATE_REASONS = "dagtune.gate_reasons"
@@ -65,6 +65,14 @@ def combined_digest(parts: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(sorted(parts.items())), separators=(",", ":")).encode()).hexdigest()
 
 
+def headline_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers at the top of a model's metrics block or of its ``overall`` block (no per-group,
+    per-class or validation detail): what a version's tags show."""
+    top = {k: v for k, v in metrics.items() if not isinstance(v, Mapping)}
+    overall = metrics.get("overall") if isinstance(metrics.get("overall"), Mapping) else {}
+    return {k: float(v) for k, v in numeric_leaves({**top, **overall}).items() if "." not in k}
+
+
 def version_tags(
     *,
     artifacts: Mapping[str, Mapping[str, Any]],
@@ -75,9 +83,9 @@ def version_tags(
     flow_run_url: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """The tags every version carries: artifact keys and sha256 (per role and as JSON), dataset
-    digest, evaluation metrics (JSON for the gate + one tag per number for the UI), training time
-    and the Prefect run that registered it."""
+    """The tags every version carries (lineage and headline numbers): artifact keys and sha256 (per
+    role and as JSON), dataset digest, headline evaluation metrics, training time and the Prefect run
+    that registered it. The full evaluation block is logged as an artifact (``log_eval_metrics``)."""
     from dagtune.registry.tracking import TAG_FLOW_RUN_ID, TAG_FLOW_RUN_URL
 
     tags: dict[str, str] = {TAG_ARTIFACTS: json.dumps(artifacts, sort_keys=True, default=str)}
@@ -87,11 +95,9 @@ def version_tags(
                 tags[safe_key(f"dagtune.artifact.{role}.{field}")] = str(info[field])
     if dataset_digest:
         tags[TAG_DATASET_DIGEST] = dataset_digest
-    if eval_metrics is not None:
-        tags[TAG_EVAL] = json.dumps(eval_metrics, sort_keys=True, default=str)
-        for k, v in numeric_leaves(eval_metrics).items():
-            if k.count(".") <= 3:  # headline and per-group numbers; skip deeper detail
-                tags[safe_key(f"eval.{k}")] = f"{v:.6g}"
+    if eval_metrics is not None:  # headline numbers only; the full block is an artifact (EVAL_ARTIFACT)
+        for k, v in headline_metrics(eval_metrics).items():
+            tags[safe_key(f"eval.{k}")] = f"{v:.6g}"
     if train_seconds is not None:
         tags[TAG_TRAIN_SECONDS] = f"{float(train_seconds):.1f}"
     if flow_run_id:
@@ -101,6 +107,17 @@ def version_tags(
     for k, v in (extra or {}).items():
         tags[safe_key(k)] = v if isinstance(v, str) else json.dumps(v, default=str)
     return tags
+
+
+def log_eval_metrics(tracker: Tracker, run_id: str, model: str, metrics: Mapping[str, Any]) -> None:
+    """The model's full evaluation block as a JSON artifact of the run its version comes from."""
+    tracker.call(
+        f"log {model} evaluation metrics",
+        tracker.client.log_text,
+        run_id,
+        json.dumps(metrics, indent=2, sort_keys=True, default=str, ensure_ascii=False),
+        EVAL_ARTIFACT.format(model=model),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
