@@ -122,3 +122,18 @@ def test_reasons_classify_data_config_upstream_and_missing():
         {"kind": "upstream", "changed": ["prepare_data"]},
     ]
     assert rebuild_reasons(new, None) == [{"kind": "missing", "changed": []}]
+
+
+def test_changed_source_file_reports_data_and_moves_its_downstream_only(state_dir, tmp_path):
+    src = tmp_path / "calls.jsonl"
+    src.write_text('{"messages": [], "tools": []}\n', encoding="utf-8")
+    source = {"kind": "file", "path": str(src), "format": "mobile_actions"}
+    cfg = load_config(overrides={"prepare_data": {"function_calling": {"source": source}}})
+    build_all(cfg)
+    src.write_text(src.read_text() + '{"messages": [], "tools": []}\n', encoding="utf-8")
+    rows = rows_by_name(cfg)
+    assert rows["prepare_data"]["reasons"] == [
+        {"kind": "data", "changed": ["sources.function_calling.file.sha256"]}
+    ]
+    for name in ("train_function_calling", "train_extractor", "train_classifier"):
+        assert rows[name]["reasons"] == [{"kind": "upstream", "changed": ["prepare_data"]}]
