@@ -266,8 +266,8 @@ def _analyse_equation(eqn: str) -> tuple[tuple[float, float], tuple[Any, ...]] |
     """(lhs, rhs) values and per-side token tuples, or None if not exactly one '=' or unparseable."""
     if eqn.count("=") != 1:
         return None
-    sides = [sanitize(s) for s in eqn.split("=")]
-    try:
+    try:  # sanitize raises Uncheckable for unknowns (x=5): no arithmetic to compare
+        sides = [sanitize(s) for s in eqn.split("=")]
         values = (safe_eval(sides[0]), safe_eval(sides[1]))
     except ArithmeticCheckError:
         return None
@@ -467,14 +467,17 @@ def split_solution_lines(solution: str) -> list[str]:
     return [line.strip() for line in solution.splitlines() if line.strip() and not _FINAL_ANSWER.match(line)]
 
 
-def two_stage_verdict(line_equations: Sequence[str | None], classifier_says_flawed: bool) -> str:
+def two_stage_verdict(
+    line_equations: Sequence[str | None], classifier_says_flawed: bool, rel_tol: float = 1e-5
+) -> str:
     """``computational_error`` if any extracted equation is arithmetically false, else
     ``conceptual_error`` if the classifier flags the solution, else ``correct``.
 
-    Empty/None equations and unparseable ones (``check_equation`` None) are skipped, never failures:
-    the arithmetic stage only fires on evidence.
+    Empty/None equations and uncheckable ones (``check_equation`` None: unknowns, unparseable) are
+    skipped, never failures: the arithmetic stage only fires on evidence.  ``rel_tol`` is
+    ``evaluate.rel_tol``, the same tolerance as the equation score.
     """
-    if any(eqn and check_equation(eqn) is False for eqn in line_equations):
+    if any(eqn and check_equation(eqn, rel_tol) is False for eqn in line_equations):
         return "computational_error"
     return "conceptual_error" if classifier_says_flawed else "correct"
 
