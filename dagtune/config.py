@@ -330,6 +330,8 @@ class EvaluateConfig(Section):
     )
     computational_error_types: list[str] = F(
         default_factory=lambda: [
+            "comp",  # the origin project's abbreviation (its conceptual one is "concep")
+            "calc",
             "arithmetic",
             "computational",
             "calculation",
@@ -339,7 +341,8 @@ class EvaluateConfig(Section):
         ],
         description="error_type values (case/separator-insensitive) of flawed classifier rows whose gold "
         "two-stage verdict is computational_error (a written calculation is wrong); every other flawed row "
-        "is conceptual_error (synthetic: wrong_operation, final_answer).",
+        "is conceptual_error (synthetic: wrong_operation, final_answer; a type outside the vocabulary of "
+        "dagtune.data.math_tasks is counted in the verdict's unmapped_error_types).",
     )
 
 

@@ -223,7 +223,8 @@ def test_pairs_and_labeled_csv(tmp_path):
     )
     src = read_file(str(pairs), tmp_path, BadRowLog("classifier", "pairs.csv"))
     items = load_pairs_rows(src)
-    assert [(i["label"], i["error_type"]) for i in items] == [(0, ""), (1, "arithmetic")]
+    # arithmetic is in the error-type vocabulary: stored as its class (issue 16)
+    assert [(i["label"], i["error_type"]) for i in items] == [(0, ""), (1, "computational")]
     assert items[0]["group"] == items[1]["group"]
     assert [(r.line, r.reason) for r in src.bad.rows] == [(3, "missing field")]
 
@@ -231,7 +232,11 @@ def test_pairs_and_labeled_csv(tmp_path):
     labeled.write_text("question,solution,label\nQ,S,0\nQ,T,flawed\nQ,U,maybe\n")
     src = read_file(str(labeled), tmp_path, BadRowLog("classifier", "labeled.csv"))
     assert [i["label"] for i in load_labeled_rows(src)] == [0, 1]
-    assert [(r.line, r.reason) for r in src.bad.rows] == [(4, "bad value")]
+    # a flawed row without error_type is kept and reported (issue 16)
+    assert [(r.line, r.reason, r.action) for r in src.bad.rows] == [
+        (4, "bad value", "dropped"),
+        (3, "no error_type", "kept"),
+    ]
 
 
 def test_wrong_columns_missing_file_empty_file_and_encoding(tmp_path):

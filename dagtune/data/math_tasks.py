@@ -1,4 +1,23 @@
-"""Equation-extraction lines (line,eqn,type) and solution-classification rows (pairs or labeled)."""
+"""Equation-extraction lines (line,eqn,type) and solution-classification rows (pairs or labeled).
+
+Error-type vocabulary of ``pairs_csv`` and ``labeled_csv`` (``error_type`` of a flawed solution):
+compared case-insensitively, with ``-``/space read as ``_`` and a trailing ``_error`` ignored,
+
+* **computational** (a written calculation is wrong): ``comp``, ``computational``, ``computation``,
+  ``calc``, ``calculation``, ``arithmetic``;
+* **conceptual** (the reasoning is wrong): ``concep``, ``conceptual``, ``concept``, ``logic``,
+  ``logical``, ``reasoning``, ``wrong_operation``, ``final_answer`` (the last two are the synthetic
+  generator's).
+
+A known value is stored as ``computational`` or ``conceptual``.  Any other value is kept as written and
+reported in ``bad_rows.jsonl`` (``unknown error_type``, action kept) and so counted in ``stats.json``; a
+flawed row without a type is stored as ``unspecified`` and reported the same way (``no error_type``).
+Neither is mapped to a class here: ``evaluate`` scores them as ``conceptual_error`` and counts them.
+
+``eqn_csv`` rows whose ``type`` disagrees with the arithmetic of their ``eqn`` (``flawed`` but the
+equation holds, ``correct`` but it does not; ``safe_arith.check_equation``) are kept and reported
+(``type disagrees with arithmetic``); an equation the checker cannot judge is not reported.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +35,31 @@ PAIRS_FIELDS = ("question", "correct_answer", "wrong_answer", "error_type")
 LABELED_FIELDS = ("question", "solution", "label")
 EQN_TYPES = ("correct", "flawed", "missing")
 LABELS = {"0": 0, "1": 1, "correct": 0, "flawed": 1, "incorrect": 1, "wrong": 1}
+ERROR_TYPES = {
+    **dict.fromkeys(
+        ("comp", "computational", "computation", "calc", "calculation", "arithmetic"), "computational"
+    ),
+    **dict.fromkeys(
+        (
+            "concep",
+            "conceptual",
+            "concept",
+            "logic",
+            "logical",
+            "reasoning",
+            "wrong_operation",
+            "final_answer",
+        ),
+        "conceptual",
+    ),
+}
+UNSPECIFIED = "unspecified"
+
+
+def canonical_error_type(value: str) -> str | None:
+    """``computational`` / ``conceptual`` for a value of the vocabulary (module docstring), else None."""
+    key = "_".join(value.strip().lower().replace("-", " ").split())
+    return ERROR_TYPES.get(key.removesuffix("_error")) or ERROR_TYPES.get(key)
 
 
 def optional_str(rec: dict[str, Any], key: str) -> str:
@@ -66,8 +110,49 @@ def classifier_item(
         "question": question,
         "solution": solution,
         "label": label,
-        "error_type": "" if label == 0 else (error_type or "unspecified"),
+        "error_type": "" if label == 0 else (error_type or UNSPECIFIED),
     }
+
+
+def report_error_types(src: SourceRows, items: list[dict[str, Any]]) -> None:
+    """Map flawed items' error types onto the vocabulary in place; report what is not in it (kept)."""
+    for item in items:
+        if item["label"] == 0:
+            continue
+        raw = item["error_type"]
+        known = canonical_error_type(raw) if raw != UNSPECIFIED else None
+        if known is not None:
+            item["error_type"] = known
+        elif raw == UNSPECIFIED:
+            src.bad.add(line_of(item), "no error_type", "flawed solution without error_type", "kept")
+        else:
+            allowed = "computational: comp, calc, ...; conceptual: concep, logic, ... (see math_tasks)"
+            src.bad.add(line_of(item), "unknown error_type", f"error_type={raw!r}; {allowed}", "kept")
+
+
+def line_of(item: dict[str, Any]) -> int:
+    """Source line from an item's ``source`` ("name:line")."""
+    tail = item["source"].rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def report_type_disagreements(src: SourceRows, rows: list[dict[str, Any]]) -> None:
+    """Warn (rows kept) where ``type`` contradicts the gold equation's arithmetic."""
+    from dagtune.evaluation.safe_arith import check_equation
+
+    for row in rows:
+        if row["type"] == "missing":
+            continue
+        holds = check_equation(row["eqn"])
+        if holds is None or holds == (row["type"] == "correct"):
+            continue
+        what = "flawed but the equation holds" if holds else "correct but the equation is false"
+        src.bad.add(
+            line_of(row),
+            "type disagrees with arithmetic",
+            f"type={row['type']}, {what}: {row['eqn']!r}",
+            "kept",
+        )
 
 
 def question_group(question: str) -> str:
@@ -130,14 +215,20 @@ def check_columns(src: SourceRows, fields: tuple[str, ...], fmt: str) -> None:
 
 def load_eqn_rows(src: SourceRows) -> list[dict[str, Any]]:
     check_columns(src, EQN_FIELDS, "eqn_csv")
-    return parse_all(src, parse_eqn_row, many=False)
+    rows = parse_all(src, parse_eqn_row, many=False)
+    report_type_disagreements(src, rows)
+    return rows
 
 
 def load_pairs_rows(src: SourceRows) -> list[dict[str, Any]]:
     check_columns(src, PAIRS_FIELDS, "pairs_csv")
-    return parse_all(src, parse_pairs_row, many=True)
+    items = parse_all(src, parse_pairs_row, many=True)
+    report_error_types(src, items)
+    return items
 
 
 def load_labeled_rows(src: SourceRows) -> list[dict[str, Any]]:
     check_columns(src, LABELED_FIELDS, "labeled_csv")
-    return parse_all(src, parse_labeled_row, many=True)
+    items = parse_all(src, parse_labeled_row, many=True)
+    report_error_types(src, items)
+    return items

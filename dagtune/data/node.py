@@ -124,7 +124,8 @@ def make_ids_unique(examples: list[dict[str, Any]]) -> None:
 STRATA: dict[str, Callable[[dict[str, Any]], tuple[str, ...]]] = {
     "function_calling": lambda r: ("call" if r["has_call"] else "no_call", r["dialect"]),
     "extractor": lambda r: (r["type"],),
-    "classifier": lambda r: (str(r["label"]),),
+    # label, then error type: the test split keeps the computational/conceptual mix the verdict scores
+    "classifier": lambda r: (str(r["label"]), r["error_type"] or "none"),
 }
 LEAK_TEXT: dict[str, Callable[[dict[str, Any]], str]] = {
     "function_calling": lambda r: r["user"],

@@ -56,6 +56,7 @@ def input_stats(task: str, examples: list[dict[str, Any]], rows_read: int) -> di
             rows_accepted=len({e["source"] for e in examples}),  # a pairs row yields two items
             items=len(examples),
             by_label=counts(e["label"] for e in examples),
+            by_error_type=counts(e["error_type"] for e in examples if e["label"] == 1),
         )
     return out
 

@@ -19,6 +19,7 @@ from dagtune.evaluation.metrics import (
 )
 from dagtune.evaluation.safe_arith import (
     ArithmeticCheckError,
+    Uncheckable,
     UnsafeExpression,
     check_equation,
     safe_eval,
@@ -29,6 +30,7 @@ __all__ = [
     "CLASSIFIER_LABELS",
     "VERDICT_LABELS",
     "ArithmeticCheckError",
+    "Uncheckable",
     "UnsafeExpression",
     "check_equation",
     "choose_threshold",

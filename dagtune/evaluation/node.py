@@ -307,7 +307,7 @@ def build(ctx: Any) -> dict[str, Any]:
         line_outputs.append(texts[k : k + len(ls)])
         k += len(ls)
     v_metrics, v_table = verdict_evaluate(
-        cl_test, lines, line_outputs, p_test, threshold, cfg.computational_error_types
+        cl_test, lines, line_outputs, p_test, threshold, cfg.computational_error_types, cfg.rel_tol
     )
     v_metrics["extractor_prompts"] = len(flat_lines)
     metrics["verdict"] = v_metrics

@@ -65,6 +65,43 @@ def _groups(block: dict[str, Any], group: str, columns: Sequence[str]) -> list[s
     return [f"#### By {group}", "", *table(header, rows)]
 
 
+def verdict_stage_lines(v: dict[str, Any]) -> list[str]:
+    """Which stage decided each gold class, and how many equations the checker could not judge."""
+    stages = v.get("stages_by_class") or {}
+    lines: list[str] = []
+    if stages:
+        lines += ["Stages per gold class (uncheckable: unknowns or text the checker cannot parse):", ""]
+        lines += table(
+            [
+                "gold class",
+                "n",
+                "arithmetic decided",
+                "to classifier",
+                "rows w/ uncheckable",
+                "uncheckable eqns",
+            ],
+            [
+                [
+                    k,
+                    x["n"],
+                    x["arithmetic"],
+                    x["classifier"],
+                    x["rows_with_uncheckable"],
+                    x["uncheckable_equations"],
+                ]
+                for k, x in stages.items()
+            ],
+        )
+    unmapped = v.get("unmapped_error_types") or {}
+    if unmapped:
+        lines += [
+            "Flawed rows whose error_type is outside the vocabulary, scored as conceptual_error: "
+            + ", ".join(f"`{k}` {n}" for k, n in unmapped.items()),
+            "",
+        ]
+    return lines
+
+
 def write_report(path: Path, metrics: dict[str, Any], plot_paths: Sequence[str]) -> Path:
     meta = metrics.get("meta", {})
     lines = ["# Evaluation report", ""]
@@ -132,6 +169,7 @@ def write_report(path: Path, metrics: dict[str, Any], plot_paths: Sequence[str])
             ["class", "precision", "recall", "f1", "support"],
             [[k, x["precision"], x["recall"], x["f1"], x["support"]] for k, x in v["per_class"].items()],
         )
+        lines += verdict_stage_lines(v)
         lines += [f"![verdict confusion]({p})" for p in plot_paths if p.endswith("verdict_confusion.png")]
         lines += [""]
     else:

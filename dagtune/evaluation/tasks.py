@@ -6,6 +6,7 @@ the extractor prompt for arbitrary solution lines. Pure pandas/numpy: no model i
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,14 +215,51 @@ class ExtractorPrompt:
 # --------------------------------------------------------------------------------------------
 
 
+def _norm_type(value: Any) -> str:
+    return str(value or "").strip().lower().replace("-", "_").replace(" ", "_")
+
+
 def gold_verdict(label: Any, error_type: Any, computational_types: Sequence[str]) -> str:
     """``correct`` for label 0; for label 1 ``computational_error`` when ``error_type`` (case- and
-    separator-insensitive) is one of ``computational_types``, else ``conceptual_error``."""
+    separator-insensitive) is one of ``computational_types``, else ``conceptual_error`` (a type
+    outside the vocabulary is counted in the verdict's ``unmapped_error_types``, see
+    ``unmapped_error_types``)."""
     if int(label) == 0:
         return "correct"
-    norm = str(error_type or "").strip().lower().replace("-", "_").replace(" ", "_")
-    wanted = {t.strip().lower().replace("-", "_").replace(" ", "_") for t in computational_types}
-    return "computational_error" if norm in wanted else "conceptual_error"
+    wanted = {_norm_type(t) for t in computational_types}
+    return "computational_error" if _norm_type(error_type) in wanted else "conceptual_error"
+
+
+def unmapped_error_types(
+    labels: Sequence[Any], error_types: Sequence[Any], computational_types: Sequence[str]
+) -> dict[str, int]:
+    """Flawed rows scored as ``conceptual_error`` only because their type is in neither
+    ``computational_types`` nor the conceptual vocabulary (``dagtune.data.math_tasks``): value -> rows."""
+    from dagtune.data.math_tasks import canonical_error_type
+
+    wanted = {_norm_type(t) for t in computational_types}
+    out: Counter[str] = Counter()
+    for label, et in zip(labels, error_types, strict=True):
+        raw = str(et or "")
+        if int(label) == 1 and _norm_type(raw) not in wanted and canonical_error_type(raw) != "conceptual":
+            out[raw or "(empty)"] += 1
+    return dict(sorted(out.items()))
+
+
+def stage_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per gold class: rows the arithmetic stage decided (a false equation), rows that went to the
+    classifier, rows with at least one uncheckable equation and the uncheckable equations themselves."""
+    out = {}
+    for gold, rows in table.groupby("gold", sort=True):
+        decided = int((rows["stage"] == "arithmetic").sum())
+        out[str(gold)] = {
+            "n": len(rows),
+            "arithmetic": decided,
+            "classifier": len(rows) - decided,
+            "rows_with_uncheckable": int((rows["n_uncheckable"] > 0).sum()),
+            "uncheckable_equations": int(rows["n_uncheckable"].sum()),
+        }
+    return out
 
 
 def solution_lines(solutions: Sequence[str]) -> list[list[str]]:
@@ -235,23 +273,28 @@ def verdict_evaluate(
     prob_flawed: Sequence[float],
     threshold: float,
     computational_types: Sequence[str],
+    rel_tol: float = 1e-5,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Metrics and per-solution table of the two-stage verdict.
 
     ``line_outputs[i][j]`` is the extractor's raw text for line j of solution i; a tag-parse failure
-    yields no equation for that line (no evidence, never a crash), an unparseable equation is skipped
+    yields no equation for that line (no evidence, never a crash), an uncheckable equation is skipped
     by ``two_stage_verdict``.  The classifier flags a solution when ``prob >= threshold``.
+    ``rel_tol`` is ``evaluate.rel_tol``.  ``stages_by_class`` says per gold class how many rows each
+    stage decided and how many had uncheckable equations.
     """
     table = []
     for rec, ls, outs, p in zip(df.to_dict("records"), lines, line_outputs, prob_flawed, strict=True):
         eqns = [parse_eq(o) for o in outs]
-        checks = [None if not e else check_equation(e) for e in eqns]
+        checks = [None if not e else check_equation(e, rel_tol) for e in eqns]
         flawed = bool(p >= threshold) if p == p else True  # NaN probability: treat as flagged
         table.append(
             {
                 "id": rec.get("id"),
                 "gold": gold_verdict(rec.get("label", 0), rec.get("error_type"), computational_types),
-                "pred": two_stage_verdict(eqns, flawed),
+                "pred": two_stage_verdict(eqns, flawed, rel_tol),
+                "stage": "arithmetic" if False in checks else "classifier",
+                "n_uncheckable": sum(1 for e, c in zip(eqns, checks, strict=True) if e and c is None),
                 "error_type": str(rec.get("error_type") or ""),
                 "n_lines": len(ls),
                 "lines": _json(ls),
@@ -268,4 +311,8 @@ def verdict_evaluate(
     metrics["n_lines"] = int(sum(len(ls) for ls in lines))
     metrics["n_equations"] = int(sum(bool(e) for outs in line_outputs for e in map(parse_eq, outs)))
     metrics["threshold"] = float(threshold)
+    metrics["stages_by_class"] = stage_counts(out)
+    metrics["unmapped_error_types"] = unmapped_error_types(
+        df.get("label", pd.Series([0] * len(df))).tolist(), out["error_type"].tolist(), computational_types
+    )
     return metrics, out
