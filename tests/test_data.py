@@ -330,6 +330,46 @@ def test_written_files_bad_rows_leakage_and_cache_key(root: Path, tmp_path: Path
     assert len(saved.read_text().splitlines()) == 16
 
 
+def test_origin_error_labels_in_stats_and_bad_rows(root: Path, tmp_path: Path):
+    """Issue 16: the origin's comp/concep labels are mapped, an unknown one is kept and reported, and
+    stats.json shows the error types per split (each split holds both: stratified by error type)."""
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question", "correct_answer", "wrong_answer", "error_type"])
+        for i in range(40):
+            a, b = 10 + i, 3 + 2 * i
+            w.writerow(
+                [
+                    f"Sam has {a} pens and buys {b} more. How many now?",
+                    f"{a}+{b}={a + b}",
+                    f"{a}+{b}={a + b + 1}" if i % 2 else f"{a}-{b}={a - b}",
+                    "comp" if i % 2 else "concep",
+                ]
+            )
+        w.writerow(["Lena reads 7 pages a day for 3 days.", "7*3=21", "7+3=10", "misread"])  # line 42
+    cfg = make_cfg(
+        function_calling=SMALL,
+        extractor=SMALL,
+        classifier={"source": {"kind": "file", "path": str(pairs)}},
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    art, _ = run_node("prepare_data", cfg, {})
+    stats = json.loads((art.dir / "stats.json").read_text())["tasks"]["classifier"]
+    assert stats["input"]["by_error_type"] == {"computational": 20, "conceptual": 20, "misread": 1}
+    assert (
+        stats["bad_rows"]["kept_by_reason"] == {"unknown error_type": 1} and stats["bad_rows"]["dropped"] == 0
+    )
+    for split in SPLITS:
+        by_type = stats["splits"][split]["by_error_type"]
+        assert by_type["computational"] > 0 and by_type["conceptual"] > 0, (split, by_type)
+    kept = [b for b in bad_rows(art.dir) if b["task"] == "classifier"]
+    assert [(b["line"], b["reason"], b["action"]) for b in kept] == [(42, "unknown error_type", "kept")]
+    assert "'misread'" in kept[0]["detail"]
+    assert "| unknown error_type | 1 | kept (reported) |" in (art.dir / "summary.md").read_text()
+
+
 def test_hf_saved_dataset_parquet_and_json_sources(root: Path, tmp_path: Path):
     import datasets
 
