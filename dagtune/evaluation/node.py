@@ -16,7 +16,11 @@ a miss in the metrics, never an exception.
 Gold verdicts: label 0 → ``correct``; label 1 → ``computational_error`` when its ``error_type`` is in
 ``evaluate.computational_error_types`` (the synthetic generator's ``arithmetic``: right operation,
 wrong result), otherwise ``conceptual_error`` (synthetic ``wrong_operation`` and ``final_answer``: the
-written equations are all true, only the reasoning or the stated answer is wrong).
+written equations are all true, only the reasoning or the stated answer is wrong). prepare_data stores
+known error types by class (the origin's ``comp``/``concep`` become ``computational``/``conceptual``);
+a flawed row with a type outside that vocabulary is scored as ``conceptual_error`` and counted in the
+verdict's ``unmapped_error_types``. The verdict's ``stages_by_class`` says per gold class how many rows
+the arithmetic stage decided, how many went to the classifier and how many had uncheckable equations.
 """
 
 from __future__ import annotations
