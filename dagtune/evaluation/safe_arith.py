@@ -212,7 +212,7 @@ _CHAR_MAP = str.maketrans(
 )
 _VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "⅕": "1/5", "⅛": "1/8"}
 # (?<!\d) keeps every regex here linear: without it each position inside a digit run rescans it.
-_VULGAR_RE = re.compile(r"(?<!\d)(\d*)\s*([" + "".join(_VULGAR) + "])")
+_VULGAR_RE = re.compile(r"(?:(?<!\d)(\d+)\s*)?([" + "".join(_VULGAR) + "])")
 _GSM_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations <<48/2=24>>
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _TIMES_X = re.compile(r"(?<=[\d)])\s*[xX]\s*(?=[\d(.])")
