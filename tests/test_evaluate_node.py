@@ -166,5 +166,9 @@ def test_scores_follow_outputs_with_oracle_fine_tune(setup, monkeypatch):
         == ["correct", "computational_error", "conceptual_error", "correct", "conceptual_error", "correct"]
     )
     assert m["verdict"]["macro_f1"] == 1.0 and m["verdict"]["n_equations"] == 6
+    stages = m["verdict"]["stages_by_class"]
+    assert stages["computational_error"]["arithmetic"] == 1 and stages["correct"]["arithmetic"] == 0
+    assert stages["conceptual_error"]["classifier"] == 2 and m["verdict"]["unmapped_error_types"] == {}
+    assert "| computational_error | 1 | 1 | 0 |" in (art.dir / "report.md").read_text()
     # one load per model; the verdict lines reuse the loaded fine-tuned extractor
     assert [n for _, n in OracleGenerator.calls] == [6, 6, 4, 6, 4]
