@@ -8,7 +8,7 @@ import time
 from fractions import Fraction
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from dagtune.evaluation import safe_arith
@@ -321,6 +321,9 @@ def _expressions() -> st.SearchStrategy[tuple[str, Fraction]]:
 
 @settings(max_examples=300, deadline=None)
 @given(expr=_expressions(), k=st.integers(1, 6), spaced=st.booleans())
+@example(expr=("(1/8)", Fraction(1, 8)), k=2, spaced=False)  # exactly half: 0.125 is written 0.13
+@example(expr=("(-3/8)", Fraction(-3, 8)), k=2, spaced=True)  # -0.375 is written -0.38
+@example(expr=("(12/48)", Fraction(1, 4)), k=1, spaced=False)
 def test_true_arithmetic_is_never_false(expr: tuple[str, Fraction], k: int, spaced: bool) -> None:
     """A true equation built from integers and + - * / // % is never judged false: the right-hand
     side is written as a writer would, exact for an integer result, else with k decimals rounded
