@@ -34,11 +34,11 @@ def test_pooling_does_not_depend_on_padding_side():
     from transformers import AutoModelForCausalLM
 
     from dagtune.models import resolve_model
-    from dagtune.training import common as C
+    from dagtune.training import runtime as R
 
     lm = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-phi3", shared_store()))
     sec = tiny_section("train_classifier")
-    lm = get_peft_model(lm, C.lora_config(sec, C.resolve_target_modules(lm, ["all-linear"]), None))
+    lm = get_peft_model(lm, R.lora_config(sec, R.resolve_target_modules(lm, ["all-linear"]), None))
     torch.manual_seed(0)
     for n, p in lm.named_parameters():  # non-zero LoRA B so the adapter matters
         if "lora_B" in n:
@@ -151,22 +151,23 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     sec = tiny_section("train_classifier", **upd)
     full = K.build_classifier(make_ctx(tmp_path / "full", "train_classifier", sec))
 
-    real_save = K.save_checkpoint
+    from transformers import Trainer
+
+    real_save = Trainer._save_checkpoint
 
     class Killed(BaseException):
         pass
 
-    def save_then_die(ckpt_dir, step, *a, **kw):
-        path = real_save(ckpt_dir, step, *a, **kw)
-        if step == 4:
+    def save_then_die(self, *a, **kw):
+        real_save(self, *a, **kw)
+        if self.state.global_step == 4:
             raise Killed
-        return path
 
-    monkeypatch.setattr(K, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
     ctx = make_ctx(tmp_path / "cut", "train_classifier", sec)
     with pytest.raises(Killed):
         K.build_classifier(ctx)
-    monkeypatch.setattr(K, "save_checkpoint", real_save)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
     resumed = K.build_classifier(make_ctx(tmp_path / "cut", "train_classifier", sec))
     assert resumed["resumed_from_step"] == 4 and resumed["steps_this_run"] == 6 and resumed["steps"] == 10
     a, b = _head(tmp_path / "full" / "out"), _head(tmp_path / "cut" / "out")

@@ -18,6 +18,7 @@ from dagtune.config import OptimConfig, RuntimeConfig, load_config
 from dagtune.pipeline import NodeContext
 from dagtune.store import Artifact, ArtifactStore
 from dagtune.training import common as C
+from dagtune.training import runtime as R
 
 # ----------------------------------------------------------------------------------------------
 # shared fixtures (imported by test_training_sft.py / test_training_classifier.py)
@@ -213,20 +214,20 @@ def test_warmup_is_capped_for_small_datasets():
 
 def test_resolve_backend(monkeypatch):
     cpu_auto = RuntimeConfig(device="cpu", backend="auto")
-    assert C.resolve_backend(cpu_auto) == "hf"
-    assert C.resolve_backend(RuntimeConfig(device="cpu", backend="hf")) == "hf"
+    assert R.resolve_backend(cpu_auto) == "hf"
+    assert R.resolve_backend(RuntimeConfig(device="cpu", backend="hf")) == "hf"
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
-        C.resolve_backend(RuntimeConfig(device="cpu", backend="unsloth"))
-    monkeypatch.setattr(C, "unsloth_installed", lambda: False)
+        R.resolve_backend(RuntimeConfig(device="cpu", backend="unsloth"))
+    monkeypatch.setattr(R, "unsloth_installed", lambda: False)
     with pytest.raises(RuntimeError, match="not installed"):
-        C.resolve_backend(RuntimeConfig(device="cuda", backend="unsloth"))
-    assert C.resolve_backend(RuntimeConfig(device="cuda", backend="auto")) == "hf"
-    monkeypatch.setattr(C, "unsloth_installed", lambda: True)
-    assert C.resolve_backend(RuntimeConfig(device="cuda", backend="auto")) == "unsloth"
-    assert C.resolve_backend(RuntimeConfig(device="cuda", backend="unsloth")) == "unsloth"
-    monkeypatch.setattr(C, "cuda_available", lambda: False)
-    assert C.resolve_device(RuntimeConfig(device="auto")) == "cpu"
-    assert C.resolve_backend(RuntimeConfig(device="auto", backend="auto")) == "hf"
+        R.resolve_backend(RuntimeConfig(device="cuda", backend="unsloth"))
+    assert R.resolve_backend(RuntimeConfig(device="cuda", backend="auto")) == "hf"
+    monkeypatch.setattr(R, "unsloth_installed", lambda: True)
+    assert R.resolve_backend(RuntimeConfig(device="cuda", backend="auto")) == "unsloth"
+    assert R.resolve_backend(RuntimeConfig(device="cuda", backend="unsloth")) == "unsloth"
+    monkeypatch.setattr(R, "cuda_available", lambda: False)
+    assert R.resolve_device("auto") == "cpu"
+    assert R.resolve_backend(RuntimeConfig(device="auto", backend="auto")) == "hf"
 
 
 def test_last_checkpoint_skips_and_removes_incomplete(tmp_path):
@@ -287,19 +288,19 @@ def test_linear_module_names_all_linear():
     from dagtune.models import resolve_model
 
     phi = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-phi3", shared_store()))
-    assert C.resolve_target_modules(phi, ["all-linear"]) == [
+    assert R.resolve_target_modules(phi, ["all-linear"]) == [
         "down_proj",
         "gate_up_proj",
         "o_proj",
         "qkv_proj",
     ]
     gem = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-gemma3", shared_store()))
-    assert C.resolve_target_modules(gem, ["all-linear"]) == sorted(
+    assert R.resolve_target_modules(gem, ["all-linear"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     with pytest.raises(ValueError, match="not found"):
-        C.resolve_target_modules(phi, ["q_proj"])
-    trainable, total = C.count_parameters(gem)
+        R.resolve_target_modules(phi, ["q_proj"])
+    trainable, total = R.count_parameters(gem)
     assert trainable == total == sum(p.numel() for p in gem.parameters())
 
 
@@ -316,4 +317,4 @@ def test_count_parameters_counts_4bit_unpacked():
 
     m = SimpleNamespace(parameters=lambda: [Parameter(10, True), Params4bit(100, False)])
     # A packed 4-bit tensor of 100 uint8 holds 200 weights.
-    assert C.count_parameters(m) == (10, 210)
+    assert R.count_parameters(m) == (10, 210)

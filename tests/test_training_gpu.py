@@ -103,7 +103,7 @@ def _unsloth_setup(tmp_path, **updates):
     ctx = make_ctx(
         tmp_path, "train_function_calling", sec, runtime=RuntimeConfig(device="cuda", backend="unsloth")
     )
-    return ctx, sft.setup(ctx, sft.FUNCTION_CALLING, "cuda")
+    return ctx, sft.setup(ctx, sft.FUNCTION_CALLING)
 
 
 def _reference_labels(tok, max_len: int) -> dict[tuple, list[int]]:
@@ -132,7 +132,7 @@ def test_unsloth_4bit_lora_only_updates(tmp_path):
 
     _, run = _unsloth_setup(tmp_path)
     model = run.trainer.model
-    assert run.loaded.quantized and any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    assert run.rt.load_in_4bit and any(type(m).__name__ == "Linear4bit" for m in model.modules())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lora = {n for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)

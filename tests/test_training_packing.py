@@ -70,11 +70,9 @@ def _data(n_train: int, task: str = "function_calling") -> Artifact:
     return Artifact("prepare_data", "test", str(root))
 
 
-def _run(tmp: Path, node: str, spec: sft.SFTSpec, data: Artifact, runtime=None, **updates) -> sft.SFTRun:
+def _run(tmp: Path, node: str, spec: sft.SFTSpec, data: Artifact, runtime=None, **updates):
     sec = tiny_section(node, log_every=1, checkpoint_every=100, **updates)
-    return sft.setup(
-        make_ctx(tmp, node, sec, data=data, runtime=runtime), spec, runtime.device if runtime else "cpu"
-    )
+    return sft.setup(make_ctx(tmp, node, sec, data=data, runtime=runtime), spec)
 
 
 @pytest.mark.parametrize(("node", "spec", "task"), [

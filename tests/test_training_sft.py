@@ -26,12 +26,12 @@ TESTS = Path(__file__).resolve().parent
 SHORT = {"optim": {"max_steps": 4}, "log_every": 1, "checkpoint_every": 100}
 
 
-def _setup(tmp_path: Path, node: str, spec: sft.SFTSpec, **updates) -> sft.SFTRun:
+def _setup(tmp_path: Path, node: str, spec: sft.SFTSpec, **updates) -> C.NodeRun:
     ctx = make_ctx(tmp_path, node, tiny_section(node, **{**SHORT, **updates}))
-    return sft.setup(ctx, spec, "cpu")
+    return sft.setup(ctx, spec)
 
 
-def _collated(run: sft.SFTRun, n: int) -> tuple[list[dict], dict]:
+def _collated(run: C.NodeRun, n: int) -> tuple[list[dict], dict]:
     rows = [run.trainer.train_dataset[i] for i in range(n)]
     return rows, run.trainer.data_collator(rows)
 
@@ -319,7 +319,9 @@ def test_unsloth_path_with_stand_in(tmp_path, monkeypatch):
     fake = _fake_unsloth(calls)
     monkeypatch.setitem(sys.modules, "unsloth", fake)
     monkeypatch.setitem(sys.modules, "unsloth.chat_templates", fake.chat_templates)
-    monkeypatch.setattr(C, "resolve_backend", lambda runtime, device=None: "unsloth")
+    from dagtune.training import runtime as R
+
+    monkeypatch.setattr(R, "resolve_backend", lambda runtime, device=None: "unsloth")
     sec = tiny_section("train_function_calling", **{**SHORT, "optim": {"max_steps": 2}})
     m = sft.build_function_calling(make_ctx(tmp_path, "train_function_calling", sec))
     assert m["backend"] == "unsloth" and m["steps"] == 2

@@ -7,11 +7,15 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dagtune.data.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLITS = ("train", "validation", "test")
 
@@ -28,9 +32,14 @@ PUNCT = re.compile(r"[.,!?؟،؛:;\"'`«»()\[\]{}…]")
 SPACES = re.compile(r"\s+")
 
 
+def fold_arabic(text: str) -> str:
+    """Arabic spelling variants folded (alef forms, ى, ة, hamza seats, Arabic-Indic digits), diacritics
+    and tatweel dropped; Latin text passes unchanged. Data dedup and evaluation matching share it."""
+    return DIACRITICS.sub("", text).translate(ARABIC_FOLD)
+
+
 def normalize_text(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = DIACRITICS.sub("", text).translate(ARABIC_FOLD)
+    text = fold_arabic(unicodedata.normalize("NFKC", text).lower())
     text = PUNCT.sub(" ", text)
     return SPACES.sub(" ", text).strip()
 
@@ -283,3 +292,13 @@ def remove_leakage(
         counts["near"] += n_near
         counts["by_split"][name] = {"exact": n_exact, "near": n_near}
     return out, counts
+
+
+def read_split(data_dir: Path, task: str, split: str) -> pd.DataFrame:
+    """One split of a prepare_data artifact (``<task>/<split>.parquet``), as the later nodes read it."""
+    import pandas as pd
+
+    p = Path(data_dir) / task / f"{split}.parquet"
+    if not p.is_file():
+        raise FileNotFoundError(f"prepare_data artifact has no {task}/{split}.parquet ({p})")
+    return pd.read_parquet(p)

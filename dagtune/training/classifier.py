@@ -1,16 +1,19 @@
 """The solution classifier: a LoRA-tuned decoder (Phi-4-mini; tiny-phi3 on the tiny profile) with a
 linear head on the hidden state of the last non-pad token. Node ``train_classifier``.
 
-setup: backbone + LoRA on every linear layer ('all-linear' resolves to Phi-3's fused qkv_proj and
-gate_up_proj, o_proj, down_proj), ``nn.Linear(hidden, num_labels)`` head trained in full (fp32).
-train: a short explicit loop (torchtune style): weighted cross-entropy, AdamW, warmup + cosine,
-gradient accumulation and clipping, validation every ``early_stopping.eval_every`` steps with patience,
-atomic checkpoints every ``checkpoint_every`` steps in ``ctx.scratch`` (trainable weights, optimizer,
-scheduler, RNG, loop position, early-stopping state) and resume from the newest one. The best
-validation weights are restored at the end. save: adapter/, head.safetensors, classifier_config.json,
-tokenizer/, merged/ (base + adapter merged, so the artifact alone rebuilds the classifier),
-reference_logits.json (logits of a few validation texts from the trained model in memory: the loader
-must reproduce them), train_log.jsonl.
+setup: backbone + LoRA through the node's ``Runtime`` ('all-linear' resolves to Phi-3's fused qkv_proj
+and gate_up_proj, o_proj, down_proj), ``nn.Linear(hidden, num_labels)`` head trained in full (fp32).
+train: ``ClassifierTrainer``, a ``transformers.Trainer`` subclass set up by the same
+``common.training_args`` as the SFT nodes (common.py says why one Trainer engine serves all three):
+``compute_loss`` is the class-weighted cross-entropy of the pooled logits divided by the step's summed
+class weight (``num_items_in_batch``), so gradient accumulation gives the weighted mean over the whole
+step; validation every ``early_stopping.eval_every`` steps, ``EarlyStoppingCallback`` for the patience,
+the best evaluation's trainable weights kept by ``_determine_best_metric`` and restored at the end;
+checkpoints (trainable weights as safetensors, optimizer, scheduler, RNG and trainer state, all loaded
+with ``weights_only``) and resume are the Trainer's own. save: adapter/, head.safetensors,
+classifier_config.json, tokenizer/, merged/ (base + adapter merged, so the artifact alone rebuilds the
+classifier), reference_logits.json (logits of a few validation texts from the trained model in memory:
+the loader must reproduce them), train_log.jsonl.
 
 Pooling: the index of the last token whose attention mask is 1, and position ids counted from the
 mask, so left and right padding give the same logits.
@@ -20,18 +23,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from dagtune.data.split import read_split
 from dagtune.training import common as C
+from dagtune.training.runtime import Runtime, count_parameters, dtype_name, ensure_pad_token, key_inputs_for
 
 CONFIG_FILE = "classifier_config.json"
 HEAD_FILE = "head.safetensors"
 REFERENCE_FILE = "reference_logits.json"
-CKPT_FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+TRAINABLE_FILE = "trainable.safetensors"
+CHECKPOINT_FILES = (TRAINABLE_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json")
 LABELS = {0: "correct", 1: "flawed"}
 N_REFERENCE = 8
 
@@ -146,7 +150,7 @@ def collate(rows: list[list[int]], tokenizer: Any, device: Any = "cpu") -> dict[
 
 
 # ----------------------------------------------------------------------------------------------
-# training helpers
+# training
 # ----------------------------------------------------------------------------------------------
 def class_weights(setting: Any, labels: list[int], num_labels: int) -> list[float] | None:
     """None, an explicit list, or 'balanced' = n / (num_labels * count) (sklearn's definition)."""
@@ -163,450 +167,224 @@ def class_weights(setting: Any, labels: list[int], num_labels: int) -> list[floa
 def classification_metrics(labels: list[int], preds: list[int], num_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 over all ``num_labels`` classes (a class never predicted nor present
     scores 0, like sklearn's ``zero_division=0``)."""
-    n = len(labels)
-    acc = sum(int(a == b) for a, b in zip(labels, preds, strict=True)) / n if n else 0.0
-    f1s = []
-    for k in range(num_labels):
-        tp = sum(1 for a, b in zip(labels, preds, strict=True) if a == k and b == k)
-        fp = sum(1 for a, b in zip(labels, preds, strict=True) if a != k and b == k)
-        fn = sum(1 for a, b in zip(labels, preds, strict=True) if a == k and b != k)
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": acc, "macro_f1": sum(f1s) / num_labels}
+    from sklearn.metrics import accuracy_score, f1_score
+
+    f1 = f1_score(labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, preds)) if labels else 0.0, "macro_f1": float(f1)}
 
 
-def _improved(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric == "loss" else value > best
+def trainable_state(model: Any) -> dict[str, Any]:
+    return {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _trainable_state(model: Any) -> dict[str, Any]:
-    return {
-        n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
-
-
-def _load_trainable(model: Any, state: dict[str, Any]) -> None:
-    missing_trainable = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or missing_trainable:
-        raise RuntimeError(
-            f"checkpoint does not match the model: unexpected {result.unexpected_keys[:5]}, "
-            f"missing {sorted(missing_trainable)[:5]}"
-        )
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(
-    ckpt_dir: Path, step: int, model: Any, opt: Any, sched: Any, state: dict[str, Any]
-) -> Path:
-    """Write checkpoint-<step> atomically (temp dir + rename) and keep the newest two."""
-    import torch
-    from safetensors.torch import save_file
-
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"{C.CHECKPOINT_PREFIX}{step}"
-    tmp = ckpt_dir / f".tmp-{C.CHECKPOINT_PREFIX}{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    torch.save(sched.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    old = sorted((p for p in ckpt_dir.iterdir() if C.checkpoint_step(p) >= 0), key=C.checkpoint_step)
-    for p in old[:-2]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> dict[str, Any]:
-    import torch
+def load_trainable(model: Any, path: Path) -> None:
     from safetensors.torch import load_file
 
-    _load_trainable(model, load_file(str(path / "trainable.safetensors")))
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if (path / "rng.pt").is_file():
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "state.json").read_text())
+    state = load_file(str(path))
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - set(state)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"{path} does not match the model: unexpected {result.unexpected_keys[:5]}, "
+                           f"missing {sorted(missing)[:5]}")  # fmt: skip
 
 
-def make_optimizer(params: list[Any], optim: Any, device: str) -> Any:
+class Encoded:
+    """Tokenized rows as a map-style dataset of {input_ids, label} (what the Trainer's sampler reads)."""
+
+    def __init__(self, ids: list[list[int]], labels: list[int]):
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.ids[i], "label": self.labels[i]}
+
+
+def _trainer_class() -> type:
     import torch
+    import torch.nn.functional as F
+    from transformers import Trainer
 
-    name = C.resolve_optimizer(optim.optimizer, device)
-    if name == "adamw_torch":
-        # fused on CUDA: one kernel for all the LoRA tensors (same update as the per-tensor loop)
-        return torch.optim.AdamW(
-            params, lr=optim.learning_rate, weight_decay=optim.weight_decay, fused=device == "cuda"
-        )
-    import bitsandbytes as bnb
+    class ClassifierTrainer(Trainer):
+        """Trainer whose loss is the classifier's; checkpoints hold the trainable weights only."""
 
-    cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-    return cls(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+        def __init__(self, *a: Any, class_weights: list[float] | None = None, best_path: Path, **kw: Any):
+            super().__init__(*a, **kw)
+            self.best_path = best_path
+            self.weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+            self.model_accepts_loss_kwargs = True  # the step's normaliser comes from _get_num_items_in_batch
+
+        def _get_num_items_in_batch(self, batch_samples: list, device: Any) -> Any:
+            """The step's summed class weight (its example count unweighted): each micro-batch's summed loss
+            is divided by it, so the step's loss is the weighted mean over all its examples."""
+            labels = torch.cat([b["labels"] for b in batch_samples])
+            return self.weights.to(labels.device)[labels].sum() if self.weights is not None else labels.numel()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            labels = inputs.pop("labels")
+            logits = model(**inputs).float()
+            if num_items_in_batch is None:  # evaluation: the plain mean cross-entropy
+                loss = F.cross_entropy(logits, labels)
+            else:
+                w = self.weights.to(logits.device) if self.weights is not None else None
+                denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logits.device)
+                loss = F.cross_entropy(logits, labels, weight=w, reduction="sum") / denom.clamp_min(1e-12)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        def _determine_best_metric(self, metrics: dict, trial: Any) -> bool:
+            """Also keep the best evaluation's trainable weights (restored after training)."""
+            from safetensors.torch import save_file
+
+            best = super()._determine_best_metric(metrics, trial)
+            if best:
+                save_file(trainable_state(self.model), str(self.best_path))
+            return best
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            from safetensors.torch import save_file
+
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(self.model), str(Path(output_dir) / TRAINABLE_FILE))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            load_trainable(model or self.model, Path(resume_from_checkpoint) / TRAINABLE_FILE)
+
+    return ClassifierTrainer
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's shuffled micro-batches: a function of (seed, epoch) only, so a resumed run sees the
-    same order and skips what was consumed."""
-    import torch
+def collator(tokenizer: Any) -> Any:
+    def collate_rows(items: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
 
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+        batch = collate([it["input_ids"] for it in items], tokenizer)
+        return {**batch, "labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
+
+    return collate_rows
+
+
+def _compute_metrics(num_labels: int) -> Any:
+    def compute(pred: Any) -> dict[str, float]:
+        return classification_metrics(pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist(), num_labels)
+
+    return compute
 
 
 # ----------------------------------------------------------------------------------------------
 # the node
 # ----------------------------------------------------------------------------------------------
+def _classifier_model(cfg: Any, rt: Runtime, peft_model: Any) -> Any:
+    """The LoRA backbone under a fresh fp32 head (its initial weights from the node's seed)."""
+    from transformers import set_seed
+
+    hidden = peft_model.get_base_model().config.get_text_config().hidden_size
+    set_seed(cfg.seed)
+    model = LastTokenClassifier(decoder_of(peft_model), hidden, cfg.num_labels)
+    if rt.load_in_4bit or rt.backend == "unsloth":
+        model.head.to(rt.device)  # the backbone was placed on the GPU by its loader
+        if rt.load_in_4bit:  # the Trainer must not .to() a bitsandbytes model
+            from transformers.utils.quantization_config import QuantizationMethod
+
+            model.quantization_method = QuantizationMethod.BITS_AND_BYTES
+    else:
+        model.to(rt.device)
+    if cfg.gradient_checkpointing and rt.backend == "hf" and not rt.load_in_4bit:
+        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def setup(ctx: Any, rt: Runtime, train_df: Any, val_df: Any) -> C.NodeRun:
+    """Backbone + LoRA + head, the encoded splits and the ClassifierTrainer."""
+    from transformers import EarlyStoppingCallback
+
+    cfg, es = ctx.section, ctx.section.early_stopping
+    timer = C.StepTimer(rt.device)
+    loaded, train_log = C.load(ctx, rt, timer, loader="FastLanguageModel", task_type=None)
+    model = _classifier_model(cfg, rt, loaded.model)
+    tok, max_len = loaded.tokenizer, cfg.model.max_seq_length
+    model.tokenizer, model.max_length = tok, max_len
+    y_train = [int(v) for v in train_df["label"]]
+    train = Encoded(encode(tok, list(train_df["prompt"]), max_len), y_train)
+    val = Encoded(encode(tok, list(val_df["prompt"]), max_len), [int(v) for v in val_df["label"]])
+    weights = class_weights(cfg.class_weights, y_train, cfg.num_labels)
+    per_epoch, total = C.plan_steps(len(train), cfg.optim)
+    warmup = C.warmup_steps(cfg.optim, total)
+    evals = {"eval_strategy": "steps", "eval_steps": es.eval_every, "metric_for_best_model": es.metric,
+             "greater_is_better": es.metric != "loss"} if len(val) else {}  # fmt: skip
+    args = C.training_args(cfg, rt, ctx.scratch / "checkpoints", total, warmup, label_names=["labels"],
+                           per_device_eval_batch_size=cfg.optim.batch_size * 2, remove_unused_columns=False,
+                           **evals)  # fmt: skip
+    callbacks = [C.log_callback(train_log), timer.callback()]
+    if len(val):
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=es.patience))
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=train, eval_dataset=val if len(val) else None,
+        data_collator=collator(tok), compute_metrics=_compute_metrics(cfg.num_labels), callbacks=callbacks,
+        class_weights=weights, best_path=ctx.scratch / "best.safetensors",
+    )  # fmt: skip
+    trainable, total_params = count_parameters(model)
+    full_lens = [len(x) for x in encode(tok, list(train_df["prompt"]), None)]
+    stats = {"train_truncated": sum(n > max_len for n in full_lens), "class_weights": weights}
+    return C.NodeRun(rt, loaded, trainer, train_log, timer, ctx.scratch / "checkpoints", len(train), len(val),
+                     per_epoch, total, warmup, stats, trainable, total_params)  # fmt: skip
+
+
+def _final_evaluation(ctx: Any, run: C.NodeRun) -> dict[str, Any]:
+    """Restore the best evaluation's weights, evaluate them: the manifest's validation numbers."""
+    es, state, model = ctx.section.early_stopping, run.trainer.state, run.trainer.model
+    best_path = ctx.scratch / "best.safetensors"
+    if state.best_global_step is not None and best_path.is_file():
+        load_trainable(model, best_path)
+    final = run.trainer.evaluate() if run.n_val else {}
+    return {
+        "stopped_early": state.global_step < run.total_steps,
+        "best_step": state.best_global_step,
+        "early_stopping_metric": es.metric,
+        "best_metric": state.best_metric,
+        **{f"val_{k}": final.get(f"eval_{k}") for k in ("loss", "accuracy", "macro_f1")},
+    }
+
+
+def _save(ctx: Any, run: C.NodeRun, ref_df: Any) -> dict[str, Any]:
+    """head.safetensors, classifier_config.json, reference_logits.json; then the shared adapter save."""
+    from safetensors.torch import save_file
+
+    cfg, out, model = ctx.section, ctx.out, run.trainer.model
+    model.eval()
+    texts, ids = list(ref_df["prompt"][:N_REFERENCE]), list(ref_df["id"][:N_REFERENCE])
+    ref = {"ids": ids, "texts": texts, "logits": model.logits(texts).tolist()}
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
+    conf = {
+        "format": 1, "architecture": "LastTokenClassifier", "pooling": "last_non_pad_token",
+        "base_model": cfg.model.name, "base_model_path": run.loaded.model_path,
+        "hidden_size": model.head.in_features, "num_labels": cfg.num_labels,
+        "labels": {str(k): v for k, v in LABELS.items()} if cfg.num_labels == 2 else None,
+        "max_length": cfg.model.max_seq_length, "truncation": "keep_end", "merged": cfg.save_merged,
+        "merged_dtype": dtype_name(run.rt.merged_dtype(cfg)), "adapter": "adapter", "head": HEAD_FILE,
+        "tokenizer": "tokenizer",
+    }  # fmt: skip
+    (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2))
+    (out / REFERENCE_FILE).write_text(json.dumps(ref))
+    del model
+    return C.save_adapter(ctx, run)
+
+
 def build_classifier(ctx: Any) -> dict[str, Any]:
-    device = C.resolve_device(ctx.runtime)
-    C.check_device(device)
-    with C.cpu_threads(ctx.section.cpu_threads, device):
-        return _train_classifier(ctx, device)
+    t0 = time.time()
+    rt = C.decide_runtime(ctx)
+    with rt.threads(ctx.section.cpu_threads):
+        rt.reset_peak_memory()
+        data_dir = ctx.upstream["prepare_data"].dir
+        train_df, val_df = (read_split(data_dir, "classifier", s) for s in ("train", "validation"))
+        run = setup(ctx, rt, train_df, val_df)
+        metrics = C.run_training(ctx, run, CHECKPOINT_FILES)
+        metrics.update(_final_evaluation(ctx, run))
+        metrics.update(_save(ctx, run, val_df if len(val_df) else train_df))
+        return {**metrics, **C.node_metrics(run, t0)}
 
 
 def key_inputs(cfg: Any) -> dict[str, Any]:
-    return C.key_inputs_for(cfg.train_classifier, cfg.runtime, cfg.artifact_root)
-
-
-def _evaluate(
-    model: Any,
-    enc: list[list[int]],
-    labels: list[int],
-    tok: Any,
-    bs: int,
-    weight: Any,
-    device: str,
-    autocast: Any,
-) -> dict[str, float]:
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    losses, preds = [], []
-    with torch.no_grad(), autocast():
-        for i in range(0, len(enc), bs):
-            batch = collate(enc[i : i + bs], tok, device)
-            logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            y = torch.tensor(labels[i : i + bs], device=logits.device)
-            losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-            preds.extend(logits.argmax(-1).tolist())
-    model.train()
-    return {
-        "loss": sum(losses) / max(1, len(enc)),
-        **classification_metrics(labels, preds, model.head.out_features),
-    }
-
-
-def _train_classifier(ctx: Any, device: str, bench: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The node. ``bench`` (benchmark_train_steps only): token ids and labels instead of the parquet
-    files, a ``C.StepTimer`` told when training begins and each optimizer step ends, and a return right
-    after the training loop (no final evaluation, no artifact)."""
-    import contextlib
-
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    cfg = ctx.section
-    backend = C.resolve_backend(ctx.runtime, device)
-    if backend == "unsloth":
-        import unsloth  # noqa: F401
-    C.reset_peak_memory(device)
-    t0 = time.time()
-
-    # -- setup ----------------------------------------------------------------------------------
-    if bench is None:
-        data_dir = ctx.upstream["prepare_data"].dir
-        train_df = C.read_split(data_dir, "classifier", "train")
-        val_df = C.read_split(data_dir, "classifier", "validation")
-    loaded = C.load_lora_model(
-        cfg, backend, device, ctx.store, unsloth_loader="FastLanguageModel", task_type=None
-    )
-    peft_model, tok = loaded.model, loaded.tokenizer
-    C.ensure_pad_token(getattr(tok, "tokenizer", tok))
-    hidden = peft_model.get_base_model().config.get_text_config().hidden_size
-    C.seed_everything(cfg.seed)  # the head's initial weights
-    model = LastTokenClassifier(decoder_of(peft_model), hidden, cfg.num_labels)
-    if loaded.quantized or backend == "unsloth":
-        model.head.to(device)  # the backbone was placed on the GPU by its loader
-    else:
-        model.to(device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable, total_params = C.count_parameters(model)
-
-    max_len = cfg.model.max_seq_length
-    if bench is None:
-        full_lens = [len(x) for x in encode(tok, list(train_df["prompt"]), None)]
-        train_enc = encode(tok, list(train_df["prompt"]), max_len)
-        val_enc = encode(tok, list(val_df["prompt"]), max_len)
-        y_train = [int(v) for v in train_df["label"]]
-        y_val = [int(v) for v in val_df["label"]]
-    else:
-        train_enc, y_train, val_enc, y_val = bench["train_enc"], bench["labels"], [], []
-        full_lens = [len(x) for x in train_enc]
-    weights = class_weights(cfg.class_weights, y_train, cfg.num_labels)
-    weight_t = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
-
-    o, es = cfg.optim, cfg.early_stopping
-    per_epoch, total = C.plan_steps(len(train_enc), o)
-    warmup = C.warmup_steps(o, total)
-    opt = make_optimizer(params, o, device)
-    sched = get_scheduler(o.scheduler, opt, num_warmup_steps=warmup, num_training_steps=total)
-    cuda_16bit = device == "cuda" and loaded.dtype != torch.float32
-
-    def autocast() -> Any:
-        if cuda_16bit:
-            return torch.autocast("cuda", dtype=loaded.dtype)
-        return contextlib.nullcontext()
-
-    if cfg.gradient_checkpointing and backend == "hf" and not loaded.quantized:
-        peft_model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-
-    # -- resume ---------------------------------------------------------------------------------
-    ckpt_dir = ctx.scratch / "checkpoints"
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-    train_log = C.TrainLog(ctx.scratch / C.TRAIN_LOG)
-    best_path = ctx.scratch / "best.safetensors"
-    st: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "micro": 0,
-        "tokens": 0,
-        "best_metric": None,
-        "best_step": None,
-        "bad_evals": 0,
-        "stopped_early": False,
-        "evals": [],
-    }
-    resume = C.last_checkpoint(ckpt_dir, CKPT_FILES, remove_incomplete=True)
-    resumed_from = 0
-    if resume:
-        st = load_checkpoint(resume, model, opt, sched)
-        resumed_from = st["step"]
-    train_log.rewind(st["step"])
-    if resumed_from:
-        train_log.write({"event": "resume", "step": resumed_from, "time": time.time()})
-    ctx.log.info(
-        "%s: %d examples, %d steps (%d/epoch, warmup %d), backend %s on %s%s",
-        ctx.name,
-        len(train_enc),
-        total,
-        per_epoch,
-        warmup,
-        backend,
-        device,
-        f", resuming from step {resumed_from}" if resume else "",
-    )
-
-    # -- train ----------------------------------------------------------------------------------
-    batches = epoch_batches(len(train_enc), o.batch_size, cfg.seed, st["epoch"])
-    meter = C.Throughput(st["tokens"])
-    window: list[float] = []
-    bar = tqdm(total=total, initial=st["step"], desc=ctx.name, dynamic_ncols=True)
-    timer = bench["timer"] if bench is not None else None
-    if timer is not None:
-        timer.on_train_begin()
-    train_start, cpu0 = time.time(), time.process_time()
-    while st["step"] < total and not st["stopped_early"]:
-        if st["micro"] >= len(batches):
-            st["epoch"], st["micro"] = st["epoch"] + 1, 0
-            batches = epoch_batches(len(train_enc), o.batch_size, cfg.seed, st["epoch"])
-        step_batches = batches[st["micro"] : st["micro"] + o.grad_accum]  # a step never spans epochs
-        step_labels = [y_train[i] for b in step_batches for i in b]
-        denom = sum(weights[y] for y in step_labels) if weights else len(step_labels)
-        step_loss = 0.0
-        for b in step_batches:
-            batch = collate([train_enc[i] for i in b], tok, device)
-            y = torch.tensor([y_train[i] for i in b], device=device)
-            with autocast():
-                logits = model(batch["input_ids"], batch["attention_mask"]).float()
-            loss = F.cross_entropy(logits, y, weight=weight_t, reduction="sum") / max(denom, 1e-12)
-            loss.backward()
-            step_loss += loss.item()
-            st["tokens"] += int(batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm).item()
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        st["micro"] += len(step_batches)
-        st["step"] += 1
-        step = st["step"]
-        window.append(step_loss)
-        bar.update(1)
-
-        if step == 1 or step % cfg.log_every == 0 or step == total:
-            tps, dn, dt = meter.tick(st["tokens"])
-            train_log.session_tokens += dn
-            train_log.session_seconds += dt
-            rec = {
-                "step": step,
-                "epoch": round(st["epoch"] + st["micro"] / len(batches), 4),
-                "loss": sum(window) / len(window),
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_second": round(tps, 2),
-                "num_tokens": st["tokens"],
-                "time": time.time(),
-            }
-            window = []
-            train_log.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-
-        if val_enc and (step % es.eval_every == 0 or step == total):
-            ev = _evaluate(model, val_enc, y_val, tok, o.batch_size * 2, weight_t, device, autocast)
-            value = ev[es.metric]
-            if _improved(es.metric, value, st["best_metric"]):
-                st["best_metric"], st["best_step"], st["bad_evals"] = value, step, 0
-                save_file(_trainable_state(model), str(best_path))
-            else:
-                st["bad_evals"] += 1
-                if st["bad_evals"] >= es.patience:
-                    st["stopped_early"] = True
-            st["evals"].append({"step": step, **ev})
-            train_log.write({"step": step, **{f"eval_{k}": v for k, v in ev.items()}, "time": time.time()})
-            meter = C.Throughput(st["tokens"])  # evaluation time is not training throughput
-
-        if step % cfg.checkpoint_every == 0 and step < total and not st["stopped_early"]:
-            save_checkpoint(ckpt_dir, step, model, opt, sched, st)
-        if timer is not None:
-            timer.on_step_end()
-    bar.close()
-    train_seconds, train_cpu = time.time() - train_start, time.process_time() - cpu0
-    if timer is not None:
-        timer.on_train_end()
-        return {
-            "steps": st["step"],
-            "tokens": st["tokens"],
-            "train_seconds": train_seconds,
-            "loss_first": train_log.first_loss,
-            "loss_last": train_log.last_loss,
-            "backend": backend,
-            "target_modules": loaded.target_modules,
-        }
-
-    # -- best weights, final validation ---------------------------------------------------------
-    if st["best_step"] is not None and best_path.is_file():
-        from safetensors.torch import load_file
-
-        _load_trainable(model, load_file(str(best_path)))
-    final = (
-        _evaluate(model, val_enc, y_val, tok, o.batch_size * 2, weight_t, device, autocast) if val_enc else {}
-    )
-    model.eval()
-    model.tokenizer, model.max_length = tok, max_len
-    ref_texts = (
-        list(val_df["prompt"][:N_REFERENCE]) if len(val_df) else list(train_df["prompt"][:N_REFERENCE])
-    )
-    ref_ids = list(val_df["id"][:N_REFERENCE]) if len(val_df) else list(train_df["id"][:N_REFERENCE])
-    ref_logits = model.logits(ref_texts).tolist()
-
-    # -- save -----------------------------------------------------------------------------------
-    out = ctx.out
-    peft_model.save_pretrained(str(out / "adapter"))
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE)
-    )
-    tok.save_pretrained(str(out / "tokenizer"))
-    merged_dtype = C.resolve_merged_dtype(cfg, loaded.dtype)
-    conf = {
-        "format": 1,
-        "architecture": "LastTokenClassifier",
-        "pooling": "last_non_pad_token",
-        "base_model": cfg.model.name,
-        "base_model_path": loaded.model_path,
-        "hidden_size": hidden,
-        "num_labels": cfg.num_labels,
-        "labels": {str(k): v for k, v in LABELS.items()} if cfg.num_labels == 2 else None,
-        "max_length": max_len,
-        "truncation": "keep_end",
-        "merged": cfg.save_merged,
-        "merged_dtype": C.dtype_name(merged_dtype),
-        "adapter": "adapter",
-        "head": HEAD_FILE,
-        "tokenizer": "tokenizer",
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2))
-    (out / REFERENCE_FILE).write_text(json.dumps({"ids": ref_ids, "texts": ref_texts, "logits": ref_logits}))
-    train_log.copy_to(out / C.TRAIN_LOG)
-    if cfg.save_merged and backend == "unsloth":
-        # Unsloth may have added a pad token (and grown the embeddings): only its own merge matches.
-        C.save_merged_unsloth(peft_model, tok, out / "merged")
-    del model, peft_model, opt
-    C.free_memory()
-    if cfg.save_merged and backend == "hf":
-        C.save_merged_hf(loaded.model_path, out / "adapter", out / "merged", merged_dtype, tok, device=device)
-
-    losses = [r["loss"] for r in train_log.records if "loss" in r]
-    return {
-        **C.library_backend_info(backend),
-        "device": device,
-        "dtype": C.dtype_name(loaded.dtype),
-        "merged_dtype": conf["merged_dtype"] if cfg.save_merged else None,
-        "load_in_4bit": loaded.quantized,
-        "base_model": cfg.model.name,
-        "base_model_path": loaded.model_path,
-        "target_modules": loaded.target_modules,
-        "trainable_params": trainable,
-        "total_params": total_params,
-        "train_examples": len(train_enc),
-        "val_examples": len(val_enc),
-        "train_truncated": sum(n > max_len for n in full_lens),
-        "class_weights": weights,
-        "steps": st["step"],
-        "planned_steps": total,
-        "steps_per_epoch": per_epoch,
-        "warmup_steps": warmup,
-        "resumed_from_step": resumed_from,
-        "steps_this_run": st["step"] - resumed_from,
-        "stopped_early": st["stopped_early"],
-        "best_step": st["best_step"],
-        "early_stopping_metric": es.metric,
-        "best_metric": st["best_metric"],
-        "train_loss": sum(losses) / len(losses) if losses else None,
-        "train_loss_first": train_log.first_loss,
-        "train_loss_last": train_log.last_loss,
-        "val_loss": final.get("loss"),
-        "val_accuracy": final.get("accuracy"),
-        "val_macro_f1": final.get("macro_f1"),
-        "tokens_per_second": train_log.tokens_per_second,
-        "train_seconds": round(train_seconds, 3),
-        "train_cpu_seconds": round(train_cpu, 3),
-        "node_seconds": round(time.time() - t0, 3),
-        **C.peak_memory(device),
-    }
+    return key_inputs_for(cfg.train_classifier, cfg.runtime, cfg.artifact_root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,7 +404,7 @@ def load_classifier(
     conf = json.loads((d / CONFIG_FILE).read_text())
     dtype = dtype or getattr(torch, conf.get("merged_dtype") or "float32")
     tok = AutoTokenizer.from_pretrained(str(d / conf.get("tokenizer", "tokenizer")))
-    C.ensure_pad_token(tok)
+    ensure_pad_token(tok)
     if (d / "merged").is_dir():
         lm = AutoModelForCausalLM.from_pretrained(str(d / "merged"), dtype=dtype)
     else:
@@ -660,92 +438,6 @@ def predict_proba(artifact_or_model: Any, texts: list[str], batch_size: int = 16
     if isinstance(model, (str, os.PathLike)):
         model, _ = load_classifier(model)
     return model.predict_proba(texts, batch_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# benchmark hook (benchmarks/train_throughput.py)
-# ----------------------------------------------------------------------------------------------
-def benchmark_train_steps(
-    model_dir: str,
-    *,
-    batch_size: int,
-    seq_len: int,
-    gradient_checkpointing: bool,
-    load_in_4bit: bool,
-    lora_r: int,
-    lora_alpha: int,
-    lora_dropout: float,
-    target_modules: list[str],
-    warmup_steps: int,
-    timed_steps: int,
-    backend: str = "unsloth",
-    workdir: str | None = None,
-) -> dict[str, Any]:
-    """benchmarks/train_throughput.py's node hook (contract: its NODE_HOOK_DOC): the node's own loop
-    (``_train_classifier``: loading, head, collation, weighted cross-entropy, clipping, scheduler,
-    logging) on ``batch_size`` rows of exactly ``seq_len`` random ordinary tokens per step, no
-    accumulation, no validation, for ``warmup_steps + timed_steps`` optimizer steps."""
-    import tempfile
-
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (before transformers: it patches it)
-    from types import SimpleNamespace
-
-    from transformers import AutoTokenizer
-
-    from dagtune.config import RuntimeConfig, TrainClassifierConfig
-    from dagtune.store import ArtifactStore
-
-    device = "cuda" if C.cuda_available() else "cpu"
-    work = Path(workdir or tempfile.mkdtemp(prefix="dagtune-bench-cls-"))
-    for d in ("out", "scratch"):
-        (work / d).mkdir(parents=True, exist_ok=True)
-    steps = warmup_steps + timed_steps
-    sec = TrainClassifierConfig.model_validate(
-        {
-            "model": {"name": str(model_dir), "load_in_4bit": load_in_4bit, "max_seq_length": seq_len},
-            "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "target_modules": target_modules},
-            "optim": {"learning_rate": 1e-4, "warmup_steps": 0, "max_steps": steps, "batch_size": batch_size,
-                      "grad_accum": 1},
-            "gradient_checkpointing": gradient_checkpointing,
-            "log_every": 10,
-            "checkpoint_every": 10**9,
-            "save_merged": False,
-        }
-    )  # fmt: skip
-    rng = random.Random(1)
-    body = C.body_token_ids(AutoTokenizer.from_pretrained(model_dir))
-    n = batch_size * steps
-    enc = [rng.choices(body, k=seq_len) for _ in range(n)]
-    labels = [rng.randrange(sec.num_labels) for _ in range(n)]
-    timer = C.StepTimer(device)
-    import logging
-
-    ctx = SimpleNamespace(
-        name="train_classifier",
-        section=sec,
-        runtime=RuntimeConfig(device=device, backend=backend),
-        store=ArtifactStore(work / "store"),
-        scratch=work / "scratch",
-        out=work / "out",
-        log=logging.getLogger("dagtune.bench"),
-        upstream={},
-    )
-    r = _train_classifier(ctx, device, bench={"train_enc": enc, "labels": labels, "timer": timer})
-    times = timer.step_times()[warmup_steps:]
-    out = {
-        "step_times_s": times,
-        "gc_s_per_step": timer.step_gc_seconds()[warmup_steps:],
-        "tokens": batch_size * seq_len * len(times),
-        "notes": (
-            f"node: classifier loop ({r['backend']}), last-token head + weighted CE, fused AdamW, clipping, "
-            f"log every 10 steps; loss {r['loss_first']} -> {r['loss_last']}"
-        ),
-    }
-    if timer.peak_allocated_bytes is not None:
-        out["peak_allocated_bytes"] = timer.peak_allocated_bytes
-        out["peak_reserved_bytes"] = timer.peak_reserved_bytes
-    return out
 
 
 __all__ = [

@@ -1,150 +1,47 @@
-"""Helpers shared by the training nodes: backend/device/dtype choice, step and warmup arithmetic,
-checkpoint discovery, the train_log.jsonl writer (and its TrainerCallback), parameter counting, peak
-memory, seeding, model loading for both backends and the merged 16-bit export.
+"""One training engine for the three training nodes.
+
+All three run on ``transformers.Trainer``: the SFT nodes on TRL's ``SFTTrainer`` (a Trainer), the
+classifier on ``ClassifierTrainer`` (a Trainer subclass with its own ``compute_loss``). Why Trainer and
+not a recipe class of our own: what the next work changes -- ``torch_compile`` and its cache, packing
+collators, optimizer choice, CUDA graphs through accelerate, Unsloth's patched trainer -- are switches
+of ``TrainingArguments``/``Trainer`` that then apply to all three nodes at once, and the Trainer already
+owns checkpointing, RNG state, resume (``weights_only`` loading: no pickle runs), gradient
+accumulation with token-count loss normalisation, early stopping and logging. A loop of our own would
+have to re-implement each of these a second time (the classifier's old loop did, in 285 lines).
+
+This module holds what the nodes share: the step arithmetic, ``training_args`` (one setup of the
+Trainer for every node), the ``train_log.jsonl`` writer and its callback, the ``StepTimer`` hook (the
+public way benchmarks and the manifest's ``timings`` see the run), checkpoint discovery, and
+``run_training`` / ``finish``: resume, train, the shared metrics, the adapter/merged save. The
+hardware decisions live in ``runtime.py``.
 
 Nothing here imports torch/transformers at module level: ``key_inputs`` runs while planning the DAG.
 """
 
 from __future__ import annotations
 
-import gc
-import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dagtune.jsonl import read_records
+from dagtune.training.runtime import Loaded, Runtime, dtype_name
+
 log = logging.getLogger("dagtune.training")
 
-BACKENDS = ("unsloth", "hf")
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_LOG = "train_log.jsonl"
+HF_CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
 
 # ----------------------------------------------------------------------------------------------
-# backend / device / dtype
-# ----------------------------------------------------------------------------------------------
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def unsloth_installed() -> bool:
-    """Whether the unsloth package is importable (checked without importing it: that patches torch)."""
-    return importlib.util.find_spec("unsloth") is not None
-
-
-def resolve_device(runtime: Any) -> str:
-    """``cpu`` or ``cuda``. ``auto`` asks torch (imported only then, so a CPU profile plans without it)."""
-    if runtime.device == "cpu":
-        return "cpu"
-    if runtime.device == "cuda":
-        return "cuda"
-    return "cuda" if cuda_available() else "cpu"
-
-
-def resolve_backend(runtime: Any, device: str | None = None) -> str:
-    """``unsloth`` or ``hf``. auto: unsloth iff the device is CUDA and the package is installed."""
-    device = device or resolve_device(runtime)
-    if runtime.backend == "hf":
-        return "hf"
-    if runtime.backend == "unsloth":
-        if device != "cuda":
-            raise RuntimeError(
-                "runtime.backend=unsloth needs a CUDA device (runtime.device resolved to 'cpu'); "
-                "use backend 'hf' or 'auto' on CPU"
-            )
-        if not unsloth_installed():
-            raise RuntimeError(
-                "runtime.backend=unsloth but the unsloth package is not installed; install the 'gpu' extra "
-                "(pip install -e '.[gpu]') or set runtime.backend to 'auto' or 'hf'"
-            )
-        return "unsloth"
-    return "unsloth" if device == "cuda" and unsloth_installed() else "hf"
-
-
-def check_device(device: str) -> None:
-    if device == "cuda" and not cuda_available():
-        raise RuntimeError("runtime.device=cuda but torch sees no CUDA device")
-
-
-def resolve_dtype(model_cfg: Any, device: str) -> Any:
-    """Compute dtype: CPU always trains in fp32 (no bf16 autocast on CPU); CUDA: bf16 where supported."""
-    import torch
-
-    if device == "cpu":
-        if model_cfg.dtype not in ("auto", "float32"):
-            log.warning("model.dtype=%s ignored on CPU: training in float32", model_cfg.dtype)
-        return torch.float32
-    if model_cfg.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, model_cfg.dtype)
-
-
-def resolve_merged_dtype(section: Any, compute_dtype: Any) -> Any:
-    import torch
-
-    name = getattr(section, "merged_dtype", "auto")
-    return compute_dtype if name == "auto" else getattr(torch, name)
-
-
-def dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def use_4bit(model_cfg: Any, device: str) -> bool:
-    if model_cfg.load_in_4bit and device != "cuda":
-        warnings.warn("model.load_in_4bit ignored on CPU (bitsandbytes NF4 needs CUDA)", stacklevel=2)
-        return False
-    return bool(model_cfg.load_in_4bit)
-
-
-def resolve_optimizer(name: str, device: str) -> str:
-    if name != "adamw_torch" and device != "cuda":
-        log.warning("optim.optimizer=%s needs bitsandbytes on CUDA: using adamw_torch on CPU", name)
-        return "adamw_torch"
-    return name
-
-
-def bnb_config(compute_dtype: Any) -> Any:
-    """NF4 with double quantization, computing in the training dtype (bf16 on recent GPUs)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
-def key_inputs_for(section: Any, runtime: Any, store_root: Path) -> dict[str, Any]:
-    """Extra key inputs of a training node: a CPU artifact is never reused on a GPU worker (or with the
-    other backend), and a changed local/tiny base model retrains."""
-    from dagtune.models import model_fingerprint
-    from dagtune.store import ArtifactStore
-
-    device = resolve_device(runtime)
-    return {
-        "device": device,
-        "backend": resolve_backend(runtime, device),
-        "model": model_fingerprint(
-            section.model.name, ArtifactStore(store_root), section.model.revision, "model.revision"
-        ),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# steps, warmup, seeding
+# steps and warmup
 # ----------------------------------------------------------------------------------------------
 def plan_steps(n_examples: int, optim: Any) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps), the same arithmetic as HF Trainer."""
@@ -164,26 +61,39 @@ def warmup_steps(optim: Any, total_steps: int) -> int:
     return max(0, min(int(w), cap))
 
 
-@contextmanager
-def cpu_threads(n: int | None, device: str) -> Iterator[None]:
-    """Run with ``n`` torch intra-op threads on CPU (restored afterwards: tests train in-process)."""
-    if device != "cpu" or not n:
-        yield
-        return
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def seed_everything(seed: int) -> None:
-    from transformers import set_seed
-
-    set_seed(seed)
+def training_args(section: Any, rt: Runtime, out: Path, total: int, warmup: int, cls: Any = None, **extra: Any) -> Any:
+    """The TrainingArguments every node shares (``cls``: TRL's SFTConfig for the SFT nodes)."""
+    if cls is None:
+        from transformers import TrainingArguments as cls
+    o = section.optim
+    base: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": o.batch_size,
+        "per_device_eval_batch_size": o.batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "learning_rate": o.learning_rate,
+        "lr_scheduler_type": o.scheduler,
+        "warmup_steps": warmup,
+        "max_steps": total,
+        "weight_decay": o.weight_decay,
+        "max_grad_norm": o.max_grad_norm,
+        "optim": rt.optimizer(o.optimizer),
+        "logging_steps": section.log_every,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": section.checkpoint_every,
+        "save_total_limit": 2,
+        "eval_strategy": "no",
+        "seed": section.seed,
+        "data_seed": section.seed,
+        "report_to": "none",
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+        "restore_callback_states_from_checkpoint": True,
+        **rt.precision_args(),
+    }
+    return cls(**{**base, **extra})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,16 +107,13 @@ def checkpoint_step(p: Path) -> int:
 def checkpoint_complete(p: Path, required: tuple[str, ...]) -> bool:
     if not all((p / f).is_file() and (p / f).stat().st_size > 0 for f in required):
         return False
-    for f in required:
-        if f.endswith(".json"):
-            try:
+    try:
+        for f in required:
+            if f.endswith(".json"):
                 json.loads((p / f).read_text())
-            except (OSError, ValueError):
-                return False
+    except (OSError, ValueError):
+        return False
     return True
-
-
-HF_CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
 
 def last_checkpoint(
@@ -218,12 +125,8 @@ def last_checkpoint(
     the node holds the key's lock, nobody else writes there) and the previous one is used."""
     if not directory.is_dir():
         return None
-    cands = sorted(
-        (p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) >= 0),
-        key=checkpoint_step,
-        reverse=True,
-    )
-    for p in cands:
+    cands = sorted((p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
+    for p in reversed(cands):
         if checkpoint_complete(p, required):
             return p
         if remove_incomplete:
@@ -233,7 +136,7 @@ def last_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------
-# train_log.jsonl + progress
+# train_log.jsonl
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainLog:
@@ -243,34 +146,27 @@ class TrainLog:
     path: Path
     session_tokens: int = 0
     session_seconds: float = 0.0
-    first_loss: float | None = None
-    last_loss: float | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.records = self._read()
-        losses = [r["loss"] for r in self.records if "loss" in r]
-        if losses:
-            self.first_loss, self.last_loss = losses[0], losses[-1]
+        self.records = read_records(self.path)
 
-    def _read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut by a kill
-                continue
-        return out
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.records if r.get("loss") is not None]
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
 
     def rewind(self, step: int) -> None:
         """Drop records past ``step`` (the killed attempt went on after its last checkpoint)."""
         self.records = [r for r in self.records if r.get("step", 0) <= step]
-        losses = [r["loss"] for r in self.records if "loss" in r]
-        self.first_loss = losses[0] if losses else None
-        self.last_loss = losses[-1] if losses else None
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         os.replace(tmp, self.path)
@@ -278,14 +174,8 @@ class TrainLog:
     def write(self, record: dict[str, Any]) -> None:
         record = {k: _plain(v) for k, v in record.items()}
         self.records.append(record)
-        if "loss" in record:
-            self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
-            self.last_loss = record["loss"]
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-
-    def copy_to(self, dest: Path) -> None:
-        shutil.copyfile(self.path, dest)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -293,360 +183,91 @@ class TrainLog:
 
 
 def _plain(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    return v
-
-
-class Throughput:
-    """Non-pad tokens per second between two log points."""
-
-    def __init__(self, tokens: int = 0):
-        self.t = time.perf_counter()
-        self.tokens = tokens
-
-    def tick(self, tokens: int) -> tuple[float, int, float]:
-        now = time.perf_counter()
-        dt, dn = now - self.t, tokens - self.tokens
-        self.t, self.tokens = now, tokens
-        return (dn / dt if dt > 0 else 0.0), dn, dt
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def log_callback(train_log: TrainLog) -> Any:
     """A TrainerCallback writing loss, learning rate, grad norm and non-pad tokens/s to train_log.jsonl
-    every ``logging_steps`` (the Trainer's tqdm bar shows the same numbers in the terminal)."""
+    every ``logging_steps``, and the evaluations made during training (the final one after training is
+    the manifest's, not a curve point)."""
     from transformers import TrainerCallback
 
     class _LogCallback(TrainerCallback):
+        training = False
+
         def on_train_begin(self, args, state, control, **kw):
             train_log.rewind(state.global_step)
             if state.global_step > 0:
                 train_log.write({"event": "resume", "step": state.global_step, "time": time.time()})
-            self.meter = Throughput(state.num_input_tokens_seen)
+            self.training, self.t, self.tokens = True, time.perf_counter(), state.num_input_tokens_seen
+
+        def on_train_end(self, args, state, control, **kw):
+            self.training = False
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
             if "loss" in logs:
-                tps, dn, dt = self.meter.tick(state.num_input_tokens_seen)
+                now, tokens = time.perf_counter(), state.num_input_tokens_seen
+                dt, dn = now - self.t, tokens - self.tokens
+                self.t, self.tokens = now, tokens
                 train_log.session_tokens += dn
                 train_log.session_seconds += dt
-                train_log.write(
-                    {
-                        "step": state.global_step,
-                        "epoch": logs.get("epoch"),
-                        "loss": logs["loss"],
-                        "learning_rate": logs.get("learning_rate"),
-                        "grad_norm": logs.get("grad_norm"),
-                        "tokens_per_second": round(tps, 2),
-                        "mean_token_accuracy": logs.get("mean_token_accuracy"),
-                        "num_tokens": state.num_input_tokens_seen,
-                        "time": time.time(),
-                    }
-                )
-            elif "eval_loss" in logs:
-                train_log.write(
-                    {"step": state.global_step, "eval_loss": logs["eval_loss"], "time": time.time()}
-                )
+                keep = ("epoch", "loss", "learning_rate", "grad_norm", "mean_token_accuracy")
+                train_log.write({"step": state.global_step, **{k: logs.get(k) for k in keep},
+                                 "tokens_per_second": round(dn / dt, 2) if dt > 0 else 0.0,
+                                 "num_tokens": tokens, "time": time.time()})  # fmt: skip
+            elif self.training and any(k.startswith("eval_") for k in logs):
+                evals = {k: v for k, v in logs.items() if k.startswith("eval_") and "runtime" not in k
+                         and "per_second" not in k}  # fmt: skip
+                train_log.write({"step": state.global_step, **evals, "time": time.time()})
+                self.t = time.perf_counter()  # evaluation time is not training throughput
 
     return _LogCallback()
 
 
 # ----------------------------------------------------------------------------------------------
-# model helpers
-# ----------------------------------------------------------------------------------------------
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameters; 4-bit bnb weights count their unpacked size (like peft)."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            itemsize = p.quant_storage.itemsize if hasattr(p, "quant_storage") else 1
-            n = n * 2 * itemsize
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
-def reset_peak_memory(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory(device: str) -> dict[str, Any]:
-    """CUDA max allocated bytes on GPU; the process's max resident set size on CPU."""
-    if device == "cuda":
-        import torch
-
-        return {
-            "peak_memory_bytes": int(torch.cuda.max_memory_allocated()),
-            "peak_memory_kind": "cuda_max_allocated",
-        }
-    import resource
-
-    return {
-        "peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-        "peak_memory_kind": "cpu_max_rss",
-    }
-
-
-def free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def linear_module_names(model: Any) -> list[str]:
-    """Leaf names of every linear layer except the output head: what 'all-linear' means (Phi-3 fuses
-    qkv_proj and gate_up_proj, so this gives qkv_proj, o_proj, gate_up_proj, down_proj there)."""
-    import torch
-
-    skip = {"lm_head", "score", "classifier"}
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not out_emb:
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf not in skip:
-                names.add(leaf)
-    return sorted(names)
-
-
-def resolve_target_modules(model: Any, targets: list[str]) -> list[str]:
-    if targets == ["all-linear"]:
-        return linear_module_names(model)
-    present = set(linear_module_names(model))
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise ValueError(
-            f"lora.target_modules {missing} not found among the model's linear layers {sorted(present)}"
-        )
-    return list(targets)
-
-
-def lora_config(section: Any, targets: list[str], task_type: str | None) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=section.lora.r,
-        lora_alpha=section.lora.alpha,
-        lora_dropout=section.lora.dropout,
-        target_modules=targets,
-        bias="none",
-        task_type=task_type,
-    )
-
-
-@dataclass
-class Loaded:
-    model: Any  # a peft model (LoRA injected)
-    tokenizer: Any
-    model_path: str
-    target_modules: list[str]
-    dtype: Any
-    quantized: bool
-
-
-def load_lora_model(
-    section: Any,
-    backend: str,
-    device: str,
-    store: Any,
-    *,
-    unsloth_loader: str = "FastModel",
-    task_type: str | None = "CAUSAL_LM",
-) -> Loaded:
-    """Base causal LM + LoRA, on either backend. The seed is set right before the adapter is created
-    (LoRA A is random): same seed, same initial adapter."""
-    from dagtune.models import load_tokenizer, resolve_model
-
-    model_path = resolve_model(section.model.name, store, section.model.revision)
-    dtype = resolve_dtype(section.model, device)
-    quant = use_4bit(section.model, device)
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (must come before transformers/peft patches take effect)
-
-        loader = getattr(importlib.import_module("unsloth"), unsloth_loader)
-        model, tokenizer = loader.from_pretrained(
-            model_name=model_path,
-            max_seq_length=section.model.max_seq_length,
-            dtype=None if section.model.dtype == "auto" else dtype,
-            load_in_4bit=quant,
-            full_finetuning=False,
-        )
-        targets = resolve_target_modules(model, section.lora.target_modules)
-        model = loader.get_peft_model(
-            model,
-            r=section.lora.r,
-            target_modules=targets,
-            lora_alpha=section.lora.alpha,
-            lora_dropout=section.lora.dropout,
-            bias="none",
-            use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
-            random_state=section.seed,
-        )
-        return Loaded(model, tokenizer, model_path, targets, dtype, quant)
-
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(section.model.name, store, section.model.revision)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if quant:
-        kwargs["quantization_config"] = bnb_config(dtype)
-        kwargs["device_map"] = {"": 0}
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if quant:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=section.gradient_checkpointing
-        )
-    targets = resolve_target_modules(model, section.lora.target_modules)
-    seed_everything(section.seed)
-    model = get_peft_model(model, lora_config(section, targets, task_type))
-    return Loaded(model, tokenizer, model_path, targets, dtype, quant)
-
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-
-
-def stop_token_ids(tokenizer: Any, tokens: tuple[str, ...]) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    return [vocab[t] for t in tokens if t in vocab]
-
-
-def add_eos_ids(gen_config: Any, ids: list[int]) -> None:
-    """Make generation stop at the end-of-turn token(s) as well as the tokenizer's EOS."""
-    cur = gen_config.eos_token_id
-    cur = [] if cur is None else ([cur] if isinstance(cur, int) else list(cur))
-    for i in ids:
-        if i not in cur:
-            cur.append(i)
-    gen_config.eos_token_id = cur if len(cur) != 1 else cur[0]
-
-
-def save_merged_hf(
-    model_path: str,
-    adapter_dir: Path,
-    out_dir: Path,
-    dtype: Any,
-    tokenizer: Any,
-    stop_ids: list[int] | None = None,
-    device: str = "cpu",
-) -> None:
-    """Reload the base unquantized in ``dtype`` (merging into a 4-bit base would be lossy), apply the
-    saved adapter, merge it and write safetensors + tokenizer files + chat template."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if device == "cuda":
-        kwargs["device_map"] = {"": 0}
-    base = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    if stop_ids:
-        add_eos_ids(merged.generation_config, stop_ids)
-    merged.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    del base, merged
-    free_memory()
-
-
-def save_merged_unsloth(model: Any, tokenizer: Any, out_dir: Path, stop_ids: list[int] | None = None) -> None:
-    """Unsloth's own 16-bit merge (dequantizes a 4-bit base before merging)."""
-    model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
-    if stop_ids:
-        from transformers import GenerationConfig
-
-        try:
-            gc_ = GenerationConfig.from_pretrained(str(out_dir))
-        except OSError:
-            gc_ = GenerationConfig()
-        add_eos_ids(gc_, stop_ids)
-        gc_.save_pretrained(str(out_dir))
-
-
-def read_split(data_dir: Path, task: str, split: str) -> Any:
-    import pandas as pd
-
-    p = Path(data_dir) / task / f"{split}.parquet"
-    if not p.is_file():
-        raise FileNotFoundError(f"prepare_data artifact has no {task}/{split}.parquet ({p})")
-    return pd.read_parquet(p)
-
-
-def library_backend_info(backend: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"backend": backend}
-    if backend == "unsloth":
-        from importlib import metadata
-
-        try:
-            info["unsloth_version"] = metadata.version("unsloth")
-        except metadata.PackageNotFoundError:  # pragma: no cover
-            pass
-    return info
-
-
-# ----------------------------------------------------------------------------------------------
-# benchmark support (benchmarks/train_throughput.py, benchmarks/epoch_real_lengths.py)
+# the timing hook
 # ----------------------------------------------------------------------------------------------
 class StepTimer:
-    """Wall time of every optimizer step, each ended by a device synchronize, and the peak memory from
-    the first step on (reset when training begins, after the model is loaded). ``on_train_begin`` and
-    ``on_step_end`` are what the SFT trainer's callback and the classifier loop call."""
+    """The public timing hook of a training node (its ``callback()`` goes into the Trainer): wall time of
+    the first optimizer step (compilation, autotuning: it ends with a device synchronize), of the steady
+    steps after it, the non-pad tokens they saw, and the peak GPU memory from the first step on. The node
+    adds load/merge/save times; ``timings()`` is the manifest's ``timings``. ``sync_every_step`` (for
+    benchmarks) synchronizes after every step so each one's time is its own; in-loop evaluations and
+    checkpoints count into the steady time (a benchmark has none)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, sync_every_step: bool = False):
         self.device = device
-        self.ends: list[float] = []
+        self.sync_every_step = sync_every_step
+        self.phases: dict[str, float | None] = {"load_s": None, "merge_s": None, "save_s": None}
         self.t0: float | None = None
+        self.t_end: float | None = None
+        self.ends: list[float] = []
+        self.tokens: list[int] = []
         self.peak_allocated_bytes: int | None = None
         self.peak_reserved_bytes: int | None = None
-        # Python's cyclic garbage collector: seconds it ran inside each step (a profile of CPU jitter).
-        self.gc_seconds = 0.0
-        self.gc_marks: list[float] = []
-        self._gc_start: float | None = None
 
-    def _on_gc(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._gc_start = time.perf_counter()
-        elif self._gc_start is not None:
-            self.gc_seconds += time.perf_counter() - self._gc_start
-            self._gc_start = None
-
-    def _sync(self) -> None:
+    def _sync(self) -> float:
         if self.device == "cuda":
             import torch
 
             torch.cuda.synchronize()
+        return time.perf_counter()
 
-    def on_train_begin(self) -> None:
-        self._sync()
+    def train_begin(self, tokens: int = 0) -> None:
         if self.device == "cuda":
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-        if self._on_gc not in gc.callbacks:
-            gc.callbacks.append(self._on_gc)
-        self.t0 = time.perf_counter()
+        self.t0, self.ends, self.tokens = self._sync(), [], [tokens]
 
-    def on_step_end(self) -> None:
-        self._sync()
-        self.ends.append(time.perf_counter())
-        self.gc_marks.append(self.gc_seconds)
+    def step_end(self, tokens: int = 0) -> None:
+        self.ends.append(self._sync() if self.sync_every_step or not self.ends else time.perf_counter())
+        self.tokens.append(tokens)
 
-    def on_train_end(self) -> None:
-        if self._on_gc in gc.callbacks:
-            gc.callbacks.remove(self._on_gc)
+    def train_end(self) -> None:
+        self.t_end = self._sync()
         if self.device == "cuda":
             import torch
 
@@ -654,34 +275,130 @@ class StepTimer:
             self.peak_reserved_bytes = int(torch.cuda.max_memory_reserved())
 
     def step_times(self) -> list[float]:
-        marks = [self.t0 if self.t0 is not None else (self.ends[0] if self.ends else 0.0), *self.ends]
+        marks = [self.t0 or 0.0, *self.ends]
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
-    def step_gc_seconds(self) -> list[float]:
-        marks = [0.0, *self.gc_marks]
-        return [round(b - a, 4) for a, b in zip(marks, marks[1:], strict=False)]
+    def timings(self) -> dict[str, Any]:
+        first = self.ends[0] - self.t0 if self.ends and self.t0 is not None else None
+        steady = (self.t_end - self.ends[0]) if len(self.ends) > 1 and self.t_end else None
+        steady_tokens = self.tokens[-1] - self.tokens[1] if len(self.tokens) > 2 else 0
+        gib = self.peak_allocated_bytes / 2**30 if self.peak_allocated_bytes is not None else None
+        rnd = lambda x: round(x, 3) if x is not None else None  # noqa: E731
+        return {
+            **{k: rnd(v) for k, v in self.phases.items()},
+            "first_step_s": rnd(first),
+            "steady_s": rnd(steady),
+            "steady_tokens_per_s": round(steady_tokens / steady, 1) if steady else None,
+            "peak_mem_gib": rnd(gib),
+        }
 
-    def as_callback(self) -> Any:
+    def callback(self) -> Any:
         from transformers import TrainerCallback
 
         timer = self
 
         class _Cb(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                timer.on_train_begin()
+                timer.train_begin(state.num_input_tokens_seen)
 
             def on_step_end(self, args, state, control, **kw):
-                timer.on_step_end()
+                timer.step_end(state.num_input_tokens_seen)
 
             def on_train_end(self, args, state, control, **kw):
-                timer.on_train_end()
+                timer.train_end()
 
         return _Cb()
 
 
-def body_token_ids(tokenizer: Any) -> list[int]:
-    """Ordinary (non-special, non-added) token ids: filler for benchmark rows that must not contain a
-    turn marker by accident."""
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    skip = set(tok.all_special_ids) | set(tok.get_added_vocab().values())
-    return [i for i in range(len(tok)) if i not in skip]
+# ----------------------------------------------------------------------------------------------
+# one node run: setup -> run_training -> finish
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class NodeRun:
+    """Everything a node's setup prepared: the trainer is ready to ``train()``."""
+
+    rt: Runtime
+    loaded: Loaded
+    trainer: Any
+    train_log: TrainLog
+    timer: StepTimer
+    ckpt_dir: Path
+    n_train: int
+    n_val: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    stats: dict[str, Any] = field(default_factory=dict)
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def decide_runtime(ctx: Any) -> Runtime:
+    state_dir = getattr(ctx.settings, "state_dir", None) if ctx.settings is not None else None
+    return Runtime.decide(ctx.runtime, ctx.section.model, state_dir)
+
+
+def load(ctx: Any, rt: Runtime, timer: StepTimer, **kw: Any) -> tuple[Loaded, TrainLog]:
+    """Base + LoRA through the runtime (timed), and the node's train log in its scratch directory."""
+    t = time.perf_counter()
+    loaded = rt.load_lora(ctx.section, ctx.store, **kw)
+    timer.phases["load_s"] = time.perf_counter() - t
+    return loaded, TrainLog(ctx.scratch / TRAIN_LOG)
+
+
+def run_training(ctx: Any, run: NodeRun, required: tuple[str, ...] = HF_CHECKPOINT_FILES) -> dict[str, Any]:
+    """Train, resuming from the newest complete checkpoint in ctx.scratch; the metrics both kinds share."""
+    resume = last_checkpoint(run.ckpt_dir, required, remove_incomplete=True)
+    resumed_from = checkpoint_step(resume) if resume else 0
+    ctx.log.info("%s: %d examples, %d steps (%d/epoch, warmup %d), backend %s on %s%s", ctx.name, run.n_train,
+                 run.total_steps, run.steps_per_epoch, run.warmup_steps, run.rt.backend, run.rt.device,
+                 f", resuming from step {resumed_from}" if resume else "")  # fmt: skip
+    cpu0 = time.process_time()
+    result = run.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    steps = int(result.global_step)
+    return {
+        **run.rt.manifest(),
+        "base_model": ctx.section.model.name,
+        "base_model_path": run.loaded.model_path,
+        "target_modules": run.loaded.target_modules,
+        "trainable_params": run.trainable_params,
+        "total_params": run.total_params,
+        "train_examples": run.n_train,
+        "val_examples": run.n_val,
+        **run.stats,
+        "steps": steps,
+        "planned_steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "warmup_steps": run.warmup_steps,
+        "resumed_from_step": resumed_from,
+        "steps_this_run": steps - resumed_from,
+        "train_loss": float(result.training_loss),
+        "train_loss_first": run.train_log.first_loss,
+        "train_loss_last": run.train_log.last_loss,
+        "tokens_per_second": run.train_log.tokens_per_second,
+        "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 3),
+        "train_cpu_seconds": round(time.process_time() - cpu0, 3),
+    }
+
+
+def save_adapter(ctx: Any, run: NodeRun, stop_ids: list[int] | None = None) -> dict[str, Any]:
+    """adapter/, tokenizer/, train_log.jsonl, and merged/ (16-bit for GGUF; fp32 on CPU) through the
+    runtime; the training copy of the model is dropped before the hf merge reloads the base."""
+    t = time.perf_counter()
+    out, section = ctx.out, ctx.section
+    run.loaded.model.save_pretrained(str(out / "adapter"))
+    run.loaded.tokenizer.save_pretrained(str(out / "tokenizer"))
+    shutil.copyfile(run.train_log.path, out / TRAIN_LOG)
+    run.timer.phases["save_s"] = time.perf_counter() - t
+    merged_dtype = run.rt.merged_dtype(section)
+    if section.save_merged:
+        t = time.perf_counter()
+        run.trainer = None
+        run.rt.save_merged(run.loaded, out / "adapter", out / "merged", merged_dtype, stop_ids)
+        run.timer.phases["merge_s"] = time.perf_counter() - t
+    return {"merged_dtype": dtype_name(merged_dtype) if section.save_merged else None}
+
+
+def node_metrics(run: NodeRun, t0: float) -> dict[str, Any]:
+    """The tail of every training node's metrics: wall time, peak memory, the per-phase timings."""
+    return {"node_seconds": round(time.time() - t0, 3), **run.rt.peak_memory(), "timings": run.timer.timings()}

@@ -48,7 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dagtune.data.split import read_split
 from dagtune.training import common as C
+from dagtune.training.runtime import Loaded, Runtime, count_parameters, key_inputs_for, stop_token_ids, unsloth_module
 
 
 @dataclass(frozen=True)
@@ -210,117 +212,41 @@ def enable_unsloth_packing(model: Any) -> dict[str, bool]:
     """Unsloth's packed-attention shim (SDPA on a block-causal mask + packed_seq_lengths -> torch's varlen
     flash kernel) and its allowance for rows longer than max_seq_length; both are what Unsloth itself
     switches on for TRL packing, called here because the node brings its own collator."""
-    done = {"varlen_attention": False, "allow_overlength": False}
-    try:
-        from unsloth.utils.hf_packed_attention import enable_hf_packed_attention
-
-        enable_hf_packed_attention()
-        done["varlen_attention"] = True
-    except Exception as e:  # pragma: no cover - GPU only
-        C.log.warning("unsloth packed attention not enabled (%s): SDPA runs on the dense block mask", e)
-    try:
-        from unsloth.utils.packing import mark_allow_overlength
-
-        mark_allow_overlength(model)
-        done["allow_overlength"] = True
-    except Exception as e:  # pragma: no cover - GPU only
-        C.log.warning("unsloth mark_allow_overlength failed (%s)", e)
+    done = {}
+    for key, sub, fn, args in (("varlen_attention", "utils.hf_packed_attention", "enable_hf_packed_attention", ()),
+                               ("allow_overlength", "utils.packing", "mark_allow_overlength", (model,))):  # fmt: skip
+        try:
+            getattr(unsloth_module(sub), fn)(*args)
+            done[key] = True
+        except Exception as e:  # pragma: no cover - GPU only
+            C.log.warning("unsloth %s not enabled (%s): SDPA runs on the dense block mask", fn, e)
+            done[key] = False
     return done
 
 
-def _sft_config(
-    cfg: Any,
-    *,
-    backend: str,
-    device: str,
-    dtype: Any,
-    total: int,
-    warmup: int,
-    out: str,
-    packed_accum: int | None = None,
-) -> Any:
-    import torch
-    from trl import SFTConfig
+def _datasets(cfg: Any, rt: Runtime, loaded: Loaded, train_rows: list, val_rows: list, total: int) -> tuple:
+    """(train, eval datasets, collator or None, gradient accumulation, stats) of the packed or unpacked path."""
+    from datasets import Dataset
 
-    o = cfg.optim
-    cuda = device == "cuda"
-    packed = packed_accum is not None
-    extra: dict[str, Any] = {}
-    if packed:
-        # One pre-packed row per micro-batch, read in plan order; TRL must not re-tokenize/truncate it.
-        extra = {
-            "train_sampling_strategy": "sequential",
-            "dataset_kwargs": {"skip_prepare_dataset": True},
-            "remove_unused_columns": False,
-        }
-    return SFTConfig(
-        output_dir=out,
-        per_device_train_batch_size=1 if packed else o.batch_size,
-        per_device_eval_batch_size=o.batch_size,
-        gradient_accumulation_steps=packed_accum if packed else o.grad_accum,
-        learning_rate=o.learning_rate,
-        lr_scheduler_type=o.scheduler,
-        warmup_steps=warmup,
-        max_steps=total,
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
-        optim=C.resolve_optimizer(o.optimizer, device),
-        logging_steps=cfg.log_every,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=cfg.checkpoint_every,
-        save_total_limit=2,
-        eval_strategy="no",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cuda and dtype == torch.bfloat16,
-        fp16=cuda and dtype == torch.float16,
-        use_cpu=not cuda,
-        # Unsloth does its own ("unsloth") checkpointing, set up in get_peft_model.
-        gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
-        report_to="none",
-        max_length=cfg.model.max_seq_length,
-        completion_only_loss=backend == "hf" and not packed,
-        packing=False,  # TRL's own packing changes the examples per step: the node packs itself
-        padding_free=False,  # unpacked = padded to the longest (the reference recipe)
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        **extra,
-    )
-
-
-@dataclass
-class SFTRun:
-    """Everything ``setup`` prepared: the trainer is ready to ``train()``."""
-
-    trainer: Any
-    loaded: C.Loaded
-    backend: str
-    device: str
-    train_log: C.TrainLog
-    ckpt_dir: Path
-    n_train: int
-    n_val: int
-    stats: dict[str, Any]
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    trainable_params: int
-    total_params: int
-
-
-def train_sft(ctx: Any, spec: SFTSpec) -> dict[str, Any]:
-    device = C.resolve_device(ctx.runtime)
-    C.check_device(device)
-    with C.cpu_threads(ctx.section.cpu_threads, device):
-        t0 = time.time()
-        run = setup(ctx, spec, device)
-        metrics = train(ctx, run)
-        metrics.update(save(ctx, spec, run))
-        metrics["node_seconds"] = round(time.time() - t0, 3)
-        metrics.update(C.peak_memory(device))
-        return metrics
+    if not cfg.packing:
+        # unsloth: train_on_responses_only builds the labels from the turn markers
+        keep = (lambda r: {"input_ids": r["input_ids"]}) if rt.backend == "unsloth" else (lambda r: r)
+        val = Dataset.from_list([keep(r) for r in val_rows]) if val_rows else None
+        return Dataset.from_list([keep(r) for r in train_rows]), val, None, cfg.optim.grad_accum, {"packing": False}
+    o, tok = cfg.optim, getattr(loaded.tokenizer, "tokenizer", loaded.tokenizer)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lengths = [len(r["input_ids"]) for r in train_rows]
+    micro, accum = pack_plan(lengths, o.batch_size * o.grad_accum, cfg.packed_tokens_per_batch, cfg.seed, total)
+    labelled = [with_labels(r) for r in train_rows]
+    train_ds = Dataset.from_list([packed_row(labelled, m, pad_id) for m in micro])
+    val_ds = Dataset.from_list([with_labels(r) for r in val_rows]) if val_rows else None
+    tokens = [sum(lengths[i] for i in m) for m in micro if m]
+    stats: dict[str, Any] = {"packing": True, "packed_micro_batches_per_step": accum,
+                             "packed_tokens_per_micro_batch_mean": round(sum(tokens) / len(tokens), 1),
+                             "packed_tokens_per_micro_batch_max": max(tokens)}  # fmt: skip
+    if rt.backend == "unsloth":
+        stats.update({f"packing_{k}": v for k, v in enable_unsloth_packing(loaded.model).items()})
+    return train_ds, val_ds, PackedCollator(pad_id, packed_seq_lengths=rt.backend == "unsloth"), accum, stats
 
 
 @dataclass
@@ -332,223 +258,77 @@ class Built:
     stats: dict[str, Any]
 
 
-def build_trainer(
-    cfg: Any,
-    spec: SFTSpec,
-    backend: str,
-    device: str,
-    loaded: C.Loaded,
-    train_rows: list[dict[str, list[int]]],
-    val_rows: list[dict[str, list[int]]],
-    ckpt_dir: Path,
-    callbacks: list[Any],
-) -> Built:
+def build_trainer(cfg: Any, spec: SFTSpec, rt: Runtime, loaded: Loaded, train_rows: list, val_rows: list,
+                  ckpt_dir: Path, callbacks: list[Any]) -> Built:  # fmt: skip
     """The node's SFTTrainer over tokenized rows (``input_ids`` + ``completion_mask``), packed or not:
     shared by ``setup`` and the benchmark hooks, so a benchmark times exactly the node's trainer."""
-    from datasets import Dataset
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = loaded.model, loaded.tokenizer
     per_epoch, total = C.plan_steps(len(train_rows), cfg.optim)
     warmup = C.warmup_steps(cfg.optim, total)
-    stats: dict[str, Any] = {}
-    collator = None
-    packed_accum = None
-    if cfg.packing:
-        o = cfg.optim
-        tok = getattr(tokenizer, "tokenizer", tokenizer)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        lengths = [len(r["input_ids"]) for r in train_rows]
-        micro, packed_accum = pack_plan(
-            lengths, o.batch_size * o.grad_accum, cfg.packed_tokens_per_batch, cfg.seed, total
-        )
-        labelled = [with_labels(r) for r in train_rows]
-        train_ds = Dataset.from_list([packed_row(labelled, m, pad_id) for m in micro])
-        val_ds = Dataset.from_list([with_labels(r) for r in val_rows]) if val_rows else None
-        collator = PackedCollator(pad_id, packed_seq_lengths=backend == "unsloth")
-        if backend == "unsloth":
-            stats.update({f"packing_{k}": v for k, v in enable_unsloth_packing(model).items()})
-        tokens = [sum(lengths[i] for i in m) for m in micro if m]
-        stats.update(
-            {
-                "packing": True,
-                "packed_micro_batches_per_step": packed_accum,
-                "packed_tokens_per_micro_batch_mean": round(sum(tokens) / len(tokens), 1),
-                "packed_tokens_per_micro_batch_max": max(tokens),
-            }
-        )
-    else:
-        if backend == "unsloth":  # train_on_responses_only builds the labels from the turn markers
-            train_ds = Dataset.from_list([{"input_ids": r["input_ids"]} for r in train_rows])
-            val_ds = (
-                Dataset.from_list([{"input_ids": r["input_ids"]} for r in val_rows]) if val_rows else None
-            )
-        else:
-            train_ds = Dataset.from_list(train_rows)
-            val_ds = Dataset.from_list(val_rows) if val_rows else None
-        stats["packing"] = False
-    args = _sft_config(
-        cfg,
-        backend=backend,
-        device=device,
-        dtype=loaded.dtype,
-        total=total,
-        warmup=warmup,
-        out=str(ckpt_dir),
-        packed_accum=packed_accum,
-    )
+    train_ds, val_ds, collator, accum, stats = _datasets(cfg, rt, loaded, train_rows, val_rows, total)
+    # Packed: one pre-packed row per micro-batch, read in plan order; TRL must not re-tokenize it.
+    packed = {"train_sampling_strategy": "sequential", "dataset_kwargs": {"skip_prepare_dataset": True},
+              "remove_unused_columns": False, "per_device_train_batch_size": 1} if cfg.packing else {}  # fmt: skip
+    args = C.training_args(
+        cfg, rt, ckpt_dir, total, warmup, cls=SFTConfig, gradient_accumulation_steps=accum,
+        # Unsloth does its own ("unsloth") checkpointing, set up in get_peft_model.
+        gradient_checkpointing=cfg.gradient_checkpointing and rt.backend == "hf",
+        max_length=cfg.model.max_seq_length, completion_only_loss=rt.backend == "hf" and not cfg.packing,
+        packing=False,  # TRL's own packing changes the examples per step: the node packs itself
+        padding_free=False,  # unpacked = padded to the longest (the reference recipe)
+        **packed,
+    )  # fmt: skip
     kwargs: dict[str, Any] = {"data_collator": collator} if collator is not None else {}
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        **kwargs,
-    )
-    if backend == "unsloth" and not cfg.packing:
-        from unsloth.chat_templates import train_on_responses_only
-
-        trainer = train_on_responses_only(
+    trainer = SFTTrainer(model=loaded.model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=loaded.tokenizer, callbacks=callbacks, **kwargs)  # fmt: skip
+    if rt.backend == "unsloth" and not cfg.packing:
+        trainer = unsloth_module("chat_templates").train_on_responses_only(
             trainer, instruction_part=spec.instruction_part, response_part=spec.response_part
         )
     return Built(trainer, per_epoch, total, warmup, stats)
 
 
-def setup(ctx: Any, spec: SFTSpec, device: str) -> SFTRun:
-    """Backend, base model + LoRA, tokenized data with the completion mask, the SFTTrainer."""
+def setup(ctx: Any, spec: SFTSpec, rt: Runtime | None = None) -> C.NodeRun:
+    """Base model + LoRA, tokenized data with the completion mask, the SFTTrainer."""
     cfg = ctx.section
-    backend = C.resolve_backend(ctx.runtime, device)
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (before trl/transformers are used: it patches them)
-
-    C.reset_peak_memory(device)
+    rt = rt or C.decide_runtime(ctx)
+    rt.reset_peak_memory()
     data_dir = ctx.upstream["prepare_data"].dir
-    train_df = C.read_split(data_dir, spec.task, "train")
-    val_df = C.read_split(data_dir, spec.task, "validation")
-    loaded = C.load_lora_model(cfg, backend, device, ctx.store, unsloth_loader=spec.unsloth_loader)
-    tokenizer = loaded.tokenizer
-    C.ensure_pad_token(getattr(tokenizer, "tokenizer", tokenizer))
-    trainable, total_params = C.count_parameters(loaded.model)
-
+    train_df, val_df = (read_split(data_dir, spec.task, s) for s in ("train", "validation"))
+    timer = C.StepTimer(rt.device)
+    loaded, train_log = C.load(ctx, rt, timer, loader=spec.unsloth_loader)
+    trainable, total_params = count_parameters(loaded.model)
     max_len = cfg.model.max_seq_length
-    train_rows, train_stats = tokenize_prompt_completion(
-        tokenizer, train_df["prompt"], train_df["completion"], max_len
-    )
-    val_rows, val_stats = tokenize_prompt_completion(
-        tokenizer, val_df["prompt"], val_df["completion"], max_len
-    )
+    train_rows, train_stats = tokenize_prompt_completion(loaded.tokenizer, train_df["prompt"], train_df["completion"], max_len)
+    val_rows, val_stats = tokenize_prompt_completion(loaded.tokenizer, val_df["prompt"], val_df["completion"], max_len)
     ckpt_dir = ctx.scratch / "checkpoints"
-    train_log = C.TrainLog(ctx.scratch / C.TRAIN_LOG)
-    built = build_trainer(
-        cfg, spec, backend, device, loaded, train_rows, val_rows, ckpt_dir, [C.log_callback(train_log)]
-    )
-    stats = {
-        "train_truncated": train_stats["truncated"],
-        "train_dropped": train_stats["dropped"],
-        "val_truncated": val_stats["truncated"],
-        **built.stats,
-    }
-    return SFTRun(
-        built.trainer,
-        loaded,
-        backend,
-        device,
-        train_log,
-        ckpt_dir,
-        len(train_rows),
-        len(val_rows),
-        stats,
-        built.steps_per_epoch,
-        built.total_steps,
-        built.warmup_steps,
-        trainable,
-        total_params,
-    )
+    callbacks = [C.log_callback(train_log), timer.callback()]
+    built = build_trainer(cfg, spec, rt, loaded, train_rows, val_rows, ckpt_dir, callbacks)
+    stats = {"train_truncated": train_stats["truncated"], "train_dropped": train_stats["dropped"],
+             "val_truncated": val_stats["truncated"], **built.stats}  # fmt: skip
+    return C.NodeRun(rt, loaded, built.trainer, train_log, timer, ckpt_dir, len(train_rows), len(val_rows),
+                     built.steps_per_epoch, built.total_steps, built.warmup_steps, stats, trainable, total_params)  # fmt: skip
 
 
-def train(ctx: Any, run: SFTRun) -> dict[str, Any]:
-    """Train, resuming from the newest complete checkpoint in ctx.scratch; then the validation loss."""
-    resume = C.last_checkpoint(run.ckpt_dir, remove_incomplete=True)
-    resumed_from = C.checkpoint_step(resume) if resume else 0
-    ctx.log.info(
-        "%s: %d examples, %d steps (%d/epoch, warmup %d), backend %s on %s%s",
-        ctx.name,
-        run.n_train,
-        run.total_steps,
-        run.steps_per_epoch,
-        run.warmup_steps,
-        run.backend,
-        run.device,
-        f", resuming from step {resumed_from}" if resume else "",
-    )
-    cpu0 = time.process_time()
-    result = run.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    train_cpu = time.process_time() - cpu0
-    val_loss = run.trainer.evaluate()["eval_loss"] if run.n_val else None
-    steps = int(result.global_step)
-    log = run.train_log
-    acc = [r["mean_token_accuracy"] for r in log.records if r.get("mean_token_accuracy") is not None]
-    return {
-        **C.library_backend_info(run.backend),
-        "device": run.device,
-        "dtype": C.dtype_name(run.loaded.dtype),
-        "load_in_4bit": run.loaded.quantized,
-        "base_model": ctx.section.model.name,
-        "base_model_path": run.loaded.model_path,
-        "target_modules": run.loaded.target_modules,
-        "trainable_params": run.trainable_params,
-        "total_params": run.total_params,
-        "train_examples": run.n_train,
-        "val_examples": run.n_val,
-        **run.stats,
-        "steps": steps,
-        "steps_per_epoch": run.steps_per_epoch,
-        "warmup_steps": run.warmup_steps,
-        "resumed_from_step": resumed_from,
-        "steps_this_run": steps - resumed_from,
-        "train_loss": float(result.training_loss),
-        "train_loss_first": log.first_loss,
-        "train_loss_last": log.last_loss,
-        "val_loss": float(val_loss) if val_loss is not None else None,
-        # Next-token accuracy on the completion tokens (TRL's mean_token_accuracy), first/last log.
-        "train_token_accuracy_first": acc[0] if acc else None,
-        "train_token_accuracy_last": acc[-1] if acc else None,
-        "tokens_per_second": log.tokens_per_second,
-        "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 3),
-        "train_cpu_seconds": round(train_cpu, 3),
-    }
+def train(ctx: Any, run: C.NodeRun) -> dict[str, Any]:
+    """Train (resuming), then the validation loss and TRL's completion-token accuracy, first/last log."""
+    m = C.run_training(ctx, run)
+    m["val_loss"] = float(run.trainer.evaluate()["eval_loss"]) if run.n_val else None
+    acc = [r["mean_token_accuracy"] for r in run.train_log.records if r.get("mean_token_accuracy") is not None]
+    m["train_token_accuracy_first"], m["train_token_accuracy_last"] = (acc[0], acc[-1]) if acc else (None, None)
+    return m
 
 
-def save(ctx: Any, spec: SFTSpec, run: SFTRun) -> dict[str, Any]:
-    """adapter/, tokenizer/, merged/ (16-bit for GGUF; fp32 on CPU), train_log.jsonl."""
-    cfg, out, tokenizer = ctx.section, ctx.out, run.loaded.tokenizer
-    adapter_dir = out / "adapter"
-    run.trainer.model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(out / "tokenizer"))
-    run.train_log.copy_to(out / C.TRAIN_LOG)
-    stop_ids = C.stop_token_ids(getattr(tokenizer, "tokenizer", tokenizer), spec.stop_tokens)
-    merged_dtype = C.resolve_merged_dtype(cfg, run.loaded.dtype)
-    if cfg.save_merged:
-        if run.backend == "unsloth":
-            C.save_merged_unsloth(run.trainer.model, tokenizer, out / "merged", stop_ids)
-        else:
-            run.trainer = run.loaded.model = None  # drop the training copy before loading the base again
-            C.free_memory()
-            C.save_merged_hf(
-                run.loaded.model_path,
-                adapter_dir,
-                out / "merged",
-                merged_dtype,
-                tokenizer,
-                stop_ids,
-                run.device,
-            )
-    return {
-        "merged_dtype": C.dtype_name(merged_dtype) if cfg.save_merged else None,
-        "stop_token_ids": stop_ids,
-    }
+def train_sft(ctx: Any, spec: SFTSpec) -> dict[str, Any]:
+    t0 = time.time()
+    rt = C.decide_runtime(ctx)
+    with rt.threads(ctx.section.cpu_threads):
+        run = setup(ctx, spec, rt)
+        metrics = train(ctx, run)
+        stop_ids = stop_token_ids(run.loaded.tokenizer, spec.stop_tokens)
+        metrics.update(C.save_adapter(ctx, run, stop_ids), stop_token_ids=stop_ids)
+        return {**metrics, **C.node_metrics(run, t0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,234 +343,8 @@ def build_extractor(ctx: Any) -> dict[str, Any]:
 
 
 def key_inputs_function_calling(cfg: Any) -> dict[str, Any]:
-    return C.key_inputs_for(cfg.train_function_calling, cfg.runtime, cfg.artifact_root)
+    return key_inputs_for(cfg.train_function_calling, cfg.runtime, cfg.artifact_root)
 
 
 def key_inputs_extractor(cfg: Any) -> dict[str, Any]:
-    return C.key_inputs_for(cfg.train_extractor, cfg.runtime, cfg.artifact_root)
-
-
-# ----------------------------------------------------------------------------------------------
-# benchmark hooks (benchmarks/train_throughput.py, benchmarks/epoch_real_lengths.py): the node's own
-# loading (C.load_lora_model), trainer (build_trainer: SFTTrainer/Unsloth's, the collation of the
-# configured path, train_on_responses_only on unpacked unsloth) and logging (C.log_callback), on rows
-# given as token ids instead of the prepare_data parquet files.
-# ----------------------------------------------------------------------------------------------
-def bench_section(
-    model_dir: str,
-    *,
-    batch_size: int,
-    grad_accum: int,
-    max_seq_length: int,
-    gradient_checkpointing: bool,
-    load_in_4bit: bool,
-    lora_r: int,
-    lora_alpha: int,
-    lora_dropout: float,
-    target_modules: list[str],
-    packing: bool = False,
-    packed_tokens_per_batch: int = 16384,
-    max_steps: int | None = None,
-    seed: int = 3407,
-    node: str = "train_function_calling",
-) -> Any:
-    """A training section like pipeline_config.yaml's, for a local model directory. No checkpoint is
-    written during a benchmark (checkpoint_every past the run); logging as usual (every 10 steps)."""
-    from dagtune import config as K
-
-    cls = K.TrainFunctionCallingConfig if node == "train_function_calling" else K.TrainExtractorConfig
-    return cls.model_validate(
-        {
-            "model": {"name": str(model_dir), "load_in_4bit": load_in_4bit, "max_seq_length": max_seq_length},
-            "lora": {
-                "r": lora_r,
-                "alpha": lora_alpha,
-                "dropout": lora_dropout,
-                "target_modules": target_modules,
-            },
-            "optim": {
-                "learning_rate": 1e-4,
-                "scheduler": "cosine",
-                "warmup_steps": 0,
-                "epochs": 1,
-                "max_steps": max_steps,
-                "batch_size": batch_size,
-                "grad_accum": grad_accum,
-            },
-            "gradient_checkpointing": gradient_checkpointing,
-            "packing": packing,
-            "packed_tokens_per_batch": packed_tokens_per_batch,
-            "log_every": 10,
-            "checkpoint_every": 10**9,
-            "seed": seed,
-            "save_merged": False,
-        }
-    )
-
-
-def marker_rows(
-    tokenizer: Any, shapes: list[tuple[int, int]], seed: int = 0, spec: SFTSpec = FUNCTION_CALLING
-) -> list[dict[str, list[int]]]:
-    """Rows of the node's shape with given (prompt, completion) token counts: ``<bos>`` + the user turn
-    marker + filler + end of turn + the model turn marker, then filler ending with ``<end_of_turn>``, so
-    both the completion mask and Unsloth's marker search find the same completion."""
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    head = [tok.bos_token_id, *enc(spec.instruction_part)]
-    tail = enc("<end_of_turn>\n") + enc(spec.response_part)
-    end = enc(spec.stop_tokens[0])
-    body = C.body_token_ids(tokenizer)
-    rng = random.Random(seed)
-    rows = []
-    for p, c in shapes:
-        p = max(p, len(head) + len(tail) + 1)
-        c = max(c, len(end) + 1)
-        prompt = head + rng.choices(body, k=p - len(head) - len(tail)) + tail
-        completion = rng.choices(body, k=c - len(end)) + end
-        rows.append({"input_ids": prompt + completion, "completion_mask": [0] * p + [1] * c})
-    return rows
-
-
-def run_rows(
-    section: Any,
-    rows: list[dict[str, list[int]]],
-    *,
-    backend: str,
-    workdir: Path,
-    spec: SFTSpec = FUNCTION_CALLING,
-    warm_section: Any = None,
-    loaded: C.Loaded | None = None,
-) -> dict[str, Any]:
-    """Train ``section`` on ``rows`` with the node's trainer; optionally a short warm-up run first (its
-    own trainer over the same loaded model: compilation and autotuning are not timed)."""
-    device = "cuda" if C.cuda_available() else "cpu"
-    if backend == "unsloth":
-        import unsloth  # noqa: F401
-    from dagtune.store import ArtifactStore
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    t_load = time.perf_counter()
-    if loaded is None:
-        loaded = C.load_lora_model(
-            section, backend, device, ArtifactStore(workdir / "store"), unsloth_loader=spec.unsloth_loader
-        )
-        C.ensure_pad_token(getattr(loaded.tokenizer, "tokenizer", loaded.tokenizer))
-    load_s = time.perf_counter() - t_load
-    warm_s = None
-    if warm_section is not None:
-        t = time.perf_counter()
-        w = build_trainer(warm_section, spec, backend, device, loaded, rows, [], workdir / "warm", [])
-        w.trainer.train()
-        del w
-        C.free_memory()
-        warm_s = time.perf_counter() - t
-    train_log = C.TrainLog(workdir / "run" / C.TRAIN_LOG)
-    timer = C.StepTimer(device)
-    built = build_trainer(
-        section,
-        spec,
-        backend,
-        device,
-        loaded,
-        rows,
-        [],
-        workdir / "run" / "checkpoints",
-        [C.log_callback(train_log), timer.as_callback()],
-    )
-    t = time.perf_counter()
-    result = built.trainer.train()
-    train_wall = time.perf_counter() - t
-    out = {
-        "device": device,
-        "backend": backend,
-        "load_s": round(load_s, 2),
-        "warm_s": round(warm_s, 2) if warm_s is not None else None,
-        "train_wall_s": round(train_wall, 3),
-        "train_runtime_s": float(result.metrics.get("train_runtime", train_wall)),
-        "steps": int(result.global_step),
-        "step_times_s": timer.step_times(),
-        "gc_s_per_step": timer.step_gc_seconds(),
-        "train_loss": float(result.training_loss),
-        "loss_first": train_log.first_loss,
-        "loss_last": train_log.last_loss,
-        "num_input_tokens_seen": int(built.trainer.state.num_input_tokens_seen),
-        **built.stats,
-    }
-    if timer.peak_allocated_bytes is not None:
-        out["peak_allocated_bytes"] = timer.peak_allocated_bytes
-        out["peak_reserved_bytes"] = timer.peak_reserved_bytes
-    if backend == "unsloth" and section.packing:
-        try:
-            from unsloth.utils.hf_packed_attention import HF_PACKED_ATTENTION_STATS
-
-            out["unsloth_packed_attention_calls"] = dict(HF_PACKED_ATTENTION_STATS)
-        except Exception:  # pragma: no cover
-            pass
-    out["loaded"] = loaded  # the caller may reuse it (popped before JSON)
-    del built
-    C.free_memory()
-    return out
-
-
-def benchmark_train_steps(
-    model_dir: str,
-    *,
-    batch_size: int,
-    seq_len: int,
-    gradient_checkpointing: bool,
-    load_in_4bit: bool,
-    lora_r: int,
-    lora_alpha: int,
-    lora_dropout: float,
-    target_modules: list[str],
-    warmup_steps: int,
-    timed_steps: int,
-    backend: str = "unsloth",
-    workdir: str | None = None,
-) -> dict[str, Any]:
-    """benchmarks/train_throughput.py's node hook (contract: its NODE_HOOK_DOC): fixed-length rows of
-    ``seq_len`` tokens (a short prompt with the turn markers, the rest completion), the node's unpacked
-    path, ``batch_size`` per step, no accumulation, ``warmup_steps + timed_steps`` optimizer steps."""
-    import tempfile
-
-    if backend == "unsloth":
-        import unsloth  # noqa: F401  (before transformers: it patches it)
-
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    n = batch_size * (warmup_steps + timed_steps)
-    rows = marker_rows(tok, [(16, seq_len - 16)] * n, seed=1)
-    sec = bench_section(
-        model_dir,
-        batch_size=batch_size,
-        grad_accum=1,
-        max_seq_length=seq_len,
-        gradient_checkpointing=gradient_checkpointing,
-        load_in_4bit=load_in_4bit,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=target_modules,
-        max_steps=warmup_steps + timed_steps,
-    )
-    r = run_rows(
-        sec, rows, backend=backend, workdir=Path(workdir or tempfile.mkdtemp(prefix="dagtune-bench-"))
-    )
-    r.pop("loaded")
-    times = r["step_times_s"][warmup_steps:]
-    out = {
-        "step_times_s": times,
-        "gc_s_per_step": r["gc_s_per_step"][warmup_steps:],
-        "tokens": batch_size * seq_len * len(times),
-        "notes": (
-            f"node: SFTTrainer ({backend}), unpacked path (train_on_responses_only on unsloth), "
-            f"log_callback every 10 steps; step times from on_step_end (cuda synchronized); "
-            f"loss {r['loss_first']} -> {r['loss_last']}"
-        ),
-    }
-    if "peak_allocated_bytes" in r:
-        out["peak_allocated_bytes"] = r["peak_allocated_bytes"]
-        out["peak_reserved_bytes"] = r["peak_reserved_bytes"]
-    return out
+    return key_inputs_for(cfg.train_extractor, cfg.runtime, cfg.artifact_root)
