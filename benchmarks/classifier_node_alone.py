@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import sys
 
-import unsloth  # noqa: F401  (before transformers: it patches it)
-
-from dagtune.training import classifier as K
+import node_hooks
 
 
 def main() -> None:
-    r = K.benchmark_train_steps(
+    r = node_hooks.classifier_train_steps(
         sys.argv[1], batch_size=8, seq_len=1024, gradient_checkpointing=True, load_in_4bit=False,
         lora_r=32, lora_alpha=64, lora_dropout=0.0,
         target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], warmup_steps=3, timed_steps=8,

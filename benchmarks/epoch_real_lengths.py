@@ -1,6 +1,6 @@
 """One epoch on the real length distribution: the reference recipe (micro-batch 8 padded to the longest,
 gradient accumulation 4, no packing) vs the SFT node's padding-free packing, at the same 32 examples per
-optimizer step, through the node's own trainer (``dagtune.training.sft.run_rows``: load_lora_model,
+optimizer step, through the node's own trainer (``benchmarks/node_hooks.run_rows``: Runtime.load_lora,
 build_trainer, log_callback).
 
     # 1. here (CPU, needs ../shared): the length distributions, from the project's own data code
@@ -207,9 +207,9 @@ def ensure_model(model: str, root: Path, tiny: bool, device: str, tokenizer_cach
     return mdir
 
 
-def run_variant(sft, name: str, section, warm, rows, backend: str, work: Path, loaded) -> dict:
+def run_variant(hooks, name: str, section, warm, rows, backend: str, work: Path, loaded) -> dict:
     t0 = time.perf_counter()
-    r = sft.run_rows(section, rows, backend=backend, workdir=work / name, warm_section=warm, loaded=loaded)
+    r = hooks.run_rows(section, rows, backend=backend, workdir=work / name, warm_section=warm, loaded=loaded)
     loaded = r.pop("loaded")
     times = r.pop("step_times_s")
     tokens = sum(len(x["input_ids"]) for x in rows)
@@ -287,8 +287,12 @@ def main() -> None:
     mdir = ensure_model(args.model, root, args.tiny, args.device, args.tokenizer_cache)
 
     if args.backend == "unsloth":
-        import unsloth  # noqa: F401  (before transformers/trl)
+        from dagtune.training.runtime import unsloth_module
+
+        unsloth_module()  # before transformers/trl
     from transformers import AutoTokenizer
+
+    import node_hooks
 
     from dagtune.training import sft
 
@@ -332,7 +336,7 @@ def main() -> None:
         plan += [(f"packed{int(t) // 1024}k", True, int(t)) for t in args.packed_tokens.split(",")]
     for dist in dists:
         shapes = resample(lengths_doc["distributions"][dist]["rows"], args.examples, args.seed)
-        rows = sft.marker_rows(tok, shapes, seed=args.seed, spec=spec)
+        rows = node_hooks.marker_rows(tok, shapes, seed=args.seed, spec=spec)
         rows = [{k: v[:max_len] for k, v in r.items()} for r in rows]  # as tokenize_prompt_completion cuts
         run = {
             "distribution": dist,
@@ -348,12 +352,12 @@ def main() -> None:
         doc["runs"].append(run)
         for name, packing, cap in plan:
             extra = {"packing": packing, "packed_tokens_per_batch": cap or 16384}
-            sec = sft.bench_section(str(mdir), **common, **extra)
-            warm = sft.bench_section(str(mdir), **common, **extra, max_steps=3)
+            sec = node_hooks.bench_section(str(mdir), **common, **extra)
+            warm = node_hooks.bench_section(str(mdir), **common, **extra, max_steps=3)
             print(f"== {dist} {name}", flush=True)
             try:
                 res, loaded = run_variant(
-                    sft, name, sec, warm, rows, args.backend, work / dist.replace("/", "_"), loaded
+                    node_hooks, name, sec, warm, rows, args.backend, work / dist.replace("/", "_"), loaded
                 )
             except Exception as e:  # one variant's failure (an OOM, say) must not lose the others
                 import traceback

@@ -2,7 +2,7 @@
 
 The node (`LastTokenClassifier` on the decoder body) peaked above the raw Unsloth causal-LM loop on
 Phi-4-mini although it skips the 200k-vocabulary head. This probe loads the model once the way the
-node does (`dagtune.training.common.load_lora_model`, Unsloth, LoRA r=32 on all linear layers) and
+node does (`dagtune.training.runtime.Runtime.load_lora`, Unsloth, LoRA r=32 on all linear layers) and
 measures peak memory over the loaded baseline of one forward+backward in each way of calling it:
 
   lm          peft_model(input_ids, attention_mask, labels)   (the raw Unsloth loop's call)
@@ -38,12 +38,13 @@ def main() -> None:
 
     import torch
     import torch.nn.functional as F
-    import unsloth  # noqa: F401  (before transformers)
+    from dagtune.training.runtime import unsloth_module
 
-    from dagtune.config import TrainClassifierConfig
+    unsloth_module()  # before transformers
+    from dagtune.config import RuntimeConfig, TrainClassifierConfig
     from dagtune.store import ArtifactStore
     from dagtune.training import classifier as K
-    from dagtune.training import common as C
+    from dagtune.training.runtime import Runtime
 
     sec = TrainClassifierConfig.model_validate(
         {
@@ -58,13 +59,11 @@ def main() -> None:
             "gradient_checkpointing": True,
         }
     )
-    loaded = C.load_lora_model(
-        sec, "unsloth", "cuda", ArtifactStore(Path("/tmp/probe-store")), unsloth_loader="FastLanguageModel",
-        task_type=None,
-    )  # fmt: skip
+    rt = Runtime.decide(RuntimeConfig(device="cuda", backend="unsloth"), sec.model)
+    loaded = rt.load_lora(sec, ArtifactStore(Path("/tmp/probe-store")), loader="FastLanguageModel", task_type=None)
     peft_model = loaded.model
     hidden = peft_model.get_base_model().config.get_text_config().hidden_size
-    clf = K._make_module_class()(K.decoder_of(peft_model), hidden, 2)
+    clf = K.LastTokenClassifier(K.decoder_of(peft_model), hidden, 2)
     clf.head.to("cuda")
     clf.train()
     g = torch.Generator().manual_seed(0)
@@ -83,7 +82,7 @@ def main() -> None:
         "batch": args.batch,
         "seq": args.seq,
         "load_in_4bit": args.load_in_4bit,
-        "dtype": str(loaded.dtype),
+        "dtype": str(rt.dtype),
         "baseline_allocated_gib": round(base / GIB, 3),
         "largest_params": [(n, dt, round(b / GIB, 3)) for b, n, dt in big],
         "checkpointing": {

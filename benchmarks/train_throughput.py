@@ -11,8 +11,8 @@ tokens per second (non-pad tokens of the timed steps over their wall time), the 
 the peak GPU memory (allocated and reserved, reset after the model is loaded) of
 
   node     the project's own training node step (trainer, collation, logging), through the hook
-           ``benchmark_train_steps`` of ``dagtune.training.sft`` (FunctionGemma, Gemma-3) or
-           ``dagtune.training.classifier`` (Phi-4-mini); reported "not available" while that import
+           ``sft_train_steps`` (FunctionGemma, Gemma-3) or ``classifier_train_steps`` (Phi-4-mini) of
+           ``benchmarks/node_hooks.py``; reported "not available" while that import
            fails -- never estimated. Contract: see ``NODE_HOOK_DOC`` below.
   unsloth  a raw loop: ``FastLanguageModel.from_pretrained`` + ``get_peft_model`` + torch AdamW,
            ``model(input_ids, attention_mask, labels)`` -> loss.backward() -> step.
@@ -76,7 +76,7 @@ MODELS: dict[str, dict] = {
         "family": "gemma3",
         "reference": "unsloth/functiongemma-270m-it",
         "tiny_tokenizer": "tiny-functiongemma",
-        "node_hook": ("dagtune.training.sft", "benchmark_train_steps"),
+        "node_hook": ("node_hooks", "sft_train_steps"),
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "config": {
             "hidden_size": 640,
@@ -99,7 +99,7 @@ MODELS: dict[str, dict] = {
         "family": "gemma3",
         "reference": "unsloth/gemma-3-1b-it",
         "tiny_tokenizer": "tiny-gemma3",
-        "node_hook": ("dagtune.training.sft", "benchmark_train_steps"),
+        "node_hook": ("node_hooks", "sft_train_steps"),
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "config": {
             "hidden_size": 1152,
@@ -122,7 +122,7 @@ MODELS: dict[str, dict] = {
         "family": "phi3",
         "reference": "microsoft/Phi-4-mini-instruct",
         "tiny_tokenizer": "tiny-phi3",
-        "node_hook": ("dagtune.training.classifier", "benchmark_train_steps"),
+        "node_hook": ("node_hooks", "classifier_train_steps"),
         # Phi-3 fuses q/k/v and gate/up: these four are all its block linears ("all-linear").
         "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
         "config": {
@@ -196,7 +196,7 @@ PRESETS["table"] = PRESETS["priority"] + [
 ]
 
 NODE_HOOK_DOC = """
-benchmark_train_steps(model_dir: str, *, batch_size: int, seq_len: int, gradient_checkpointing: bool,
+sft_train_steps / classifier_train_steps(model_dir: str, *, batch_size: int, seq_len: int, gradient_checkpointing: bool,
                       load_in_4bit: bool, lora_r: int, lora_alpha: int, lora_dropout: float,
                       target_modules: list[str], warmup_steps: int, timed_steps: int,
                       backend: str = "unsloth") -> dict

@@ -293,20 +293,15 @@ def _classifier_model(cfg: Any, rt: Runtime, peft_model: Any) -> Any:
     return model.train()
 
 
-def setup(ctx: Any, rt: Runtime, train_df: Any, val_df: Any) -> C.NodeRun:
-    """Backbone + LoRA + head, the encoded splits and the ClassifierTrainer."""
+def build_trainer(ctx: Any, rt: Runtime, loaded: Any, train: Encoded, val: Encoded, timer: C.StepTimer,
+                  train_log: C.TrainLog) -> C.NodeRun:  # fmt: skip
+    """The ClassifierTrainer over encoded rows (the node's, or a benchmark's), ready to ``train()``."""
     from transformers import EarlyStoppingCallback
 
     cfg, es = ctx.section, ctx.section.early_stopping
-    timer = C.StepTimer(rt.device)
-    loaded, train_log = C.load(ctx, rt, timer, loader="FastLanguageModel", task_type=None)
     model = _classifier_model(cfg, rt, loaded.model)
-    tok, max_len = loaded.tokenizer, cfg.model.max_seq_length
-    model.tokenizer, model.max_length = tok, max_len
-    y_train = [int(v) for v in train_df["label"]]
-    train = Encoded(encode(tok, list(train_df["prompt"]), max_len), y_train)
-    val = Encoded(encode(tok, list(val_df["prompt"]), max_len), [int(v) for v in val_df["label"]])
-    weights = class_weights(cfg.class_weights, y_train, cfg.num_labels)
+    model.tokenizer, model.max_length = loaded.tokenizer, cfg.model.max_seq_length
+    weights = class_weights(cfg.class_weights, train.labels, cfg.num_labels)
     per_epoch, total = C.plan_steps(len(train), cfg.optim)
     warmup = C.warmup_steps(cfg.optim, total)
     evals = {"eval_strategy": "steps", "eval_steps": es.eval_every, "metric_for_best_model": es.metric,
@@ -315,18 +310,28 @@ def setup(ctx: Any, rt: Runtime, train_df: Any, val_df: Any) -> C.NodeRun:
                            per_device_eval_batch_size=cfg.optim.batch_size * 2, remove_unused_columns=False,
                            **evals)  # fmt: skip
     callbacks = [C.log_callback(train_log), timer.callback()]
-    if len(val):
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=es.patience))
+    callbacks += [EarlyStoppingCallback(early_stopping_patience=es.patience)] if len(val) else []
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train, eval_dataset=val if len(val) else None,
-        data_collator=collator(tok), compute_metrics=_compute_metrics(cfg.num_labels), callbacks=callbacks,
-        class_weights=weights, best_path=ctx.scratch / "best.safetensors",
+        data_collator=collator(loaded.tokenizer), compute_metrics=_compute_metrics(cfg.num_labels),
+        callbacks=callbacks, class_weights=weights, best_path=ctx.scratch / "best.safetensors",
     )  # fmt: skip
     trainable, total_params = count_parameters(model)
-    full_lens = [len(x) for x in encode(tok, list(train_df["prompt"]), None)]
-    stats = {"train_truncated": sum(n > max_len for n in full_lens), "class_weights": weights}
     return C.NodeRun(rt, loaded, trainer, train_log, timer, ctx.scratch / "checkpoints", len(train), len(val),
-                     per_epoch, total, warmup, stats, trainable, total_params)  # fmt: skip
+                     per_epoch, total, warmup, {"class_weights": weights}, trainable, total_params)  # fmt: skip
+
+
+def setup(ctx: Any, rt: Runtime, train_df: Any, val_df: Any) -> C.NodeRun:
+    """Backbone + LoRA, the encoded splits (prompts cut to max_seq_length, keeping the end), the trainer."""
+    timer = C.StepTimer(rt.device)
+    loaded, train_log = C.load(ctx, rt, timer, loader="FastLanguageModel", task_type=None)
+    tok, max_len = loaded.tokenizer, ctx.section.model.max_seq_length
+    full = encode(tok, list(train_df["prompt"]), None)
+    train = Encoded([x[-max_len:] for x in full], [int(v) for v in train_df["label"]])
+    val = Encoded(encode(tok, list(val_df["prompt"]), max_len), [int(v) for v in val_df["label"]])
+    run = build_trainer(ctx, rt, loaded, train, val, timer, train_log)
+    run.stats["train_truncated"] = sum(len(x) > max_len for x in full)
+    return run
 
 
 def _final_evaluation(ctx: Any, run: C.NodeRun) -> dict[str, Any]:
