@@ -179,3 +179,47 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     log = [json.loads(x) for x in (tmp_path / "cut" / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
     assert [r for r in log if r.get("event") == "resume"][0]["step"] == 4
+
+
+class _Planted:
+    """A pickle that, when unpickled, writes a marker file (what a malicious checkpoint would run)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("planted", ["optimizer.pt", "rng_state.pth"])
+def test_resume_never_unpickles_a_planted_checkpoint_file(tmp_path, monkeypatch, planted):
+    """Resume loads the checkpoint with weights_only (tensors and plain containers only): a pickle that
+    would run code is refused with an error naming it, and the code never runs."""
+    import pickle
+
+    from transformers import Trainer
+
+    sec = tiny_section("train_classifier", optim={"max_steps": 4}, log_every=1, checkpoint_every=2,
+                       early_stopping={"eval_every": 100}, save_merged=False)  # fmt: skip
+    real_save = Trainer._save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def save_then_die(self, *a, **kw):
+        real_save(self, *a, **kw)
+        raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+    monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
+    ckpt = tmp_path / "scratch" / "checkpoints" / "checkpoint-2"
+    marker = tmp_path / "marker"
+    assert (ckpt / planted).is_file()
+    (ckpt / planted).write_bytes(pickle.dumps(_Planted(marker)))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+    assert not marker.exists()
+    pickle.loads((ckpt / planted).read_bytes())  # the planted file does run code when unpickled
+    assert marker.exists()

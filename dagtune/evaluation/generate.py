@@ -21,19 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from dagtune.formats import END_OF_TURN
+from dagtune.training.runtime import resolve_device
 
 log = logging.getLogger("dagtune.evaluation")
 
 # Stop tokens every generative model of the project shares (when its vocabulary has them).
 STOP_TOKENS = (END_OF_TURN,)
-
-
-def resolve_device(device: str = "auto") -> str:
-    if device in ("cpu", "cuda"):
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_model_path(model: str, store: Any = None) -> str:
