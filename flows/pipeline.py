@@ -41,6 +41,6 @@ def dagtune_pipeline(
     cl = train_classifier.submit(cfg, up, only, force)
     trained = {**up, "train_function_calling": fc, "train_extractor": ex, "train_classifier": cl}
     ev = evaluate.submit(cfg, trained, only, force)
-    gg = convert_gguf.submit(cfg, trained, only, force)
+    gg = convert_gguf.submit(cfg, {**up, "train_function_calling": fc, "train_extractor": ex}, only, force)
     reg = register.submit(cfg, {**trained, "evaluate": ev, "convert_gguf": gg}, only, force)
     return [f.result() for f in (data, fc, ex, cl, ev, gg, reg)]
