@@ -213,7 +213,7 @@ def classifier_train_steps(model_dir: str, *, batch_size: int, seq_len: int, gra
         "optim": {"learning_rate": 1e-4, "warmup_steps": 0, "max_steps": steps, "batch_size": batch_size,
                   "grad_accum": 1},
         "gradient_checkpointing": gradient_checkpointing, "log_every": 10, "checkpoint_every": 10**9,
-        "save_merged": False,
+        "seed": 3407, "save_merged": False,
     })  # fmt: skip
     work = Path(workdir or tempfile.mkdtemp(prefix="dagtune-bench-cls-"))
     ctx = SimpleNamespace(name="train_classifier", section=sec, scratch=work / "scratch", out=work / "out",

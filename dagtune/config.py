@@ -32,7 +32,6 @@ def F(default: Any = ..., description: str = "", **kw: Any) -> Any:  # noqa: N80
 # project / runtime
 # ----------------------------------------------------------------------------------------------
 class ProjectConfig(Section):
-    name: str = F("dagtune", "Project name; prefixes MLflow experiment and registered model names.")
     state_dir: str = F(
         ".state",
         "Directory for local state: artifact store, Prefect home, MLflow SQLite file. Relative paths are "
@@ -43,7 +42,7 @@ class ProjectConfig(Section):
         "Root of the content-addressed artifact store; default <state_dir>/artifacts. Env override: "
         "DAGTUNE_ARTIFACT_ROOT.",
     )
-    seed: int = F(42, "Global seed; nodes derive their own seeds from it unless they set one.", ge=0)
+    seed: int = F(3407, "Global seed: the training nodes use it where their section sets no seed.", ge=0)
 
 
 class RuntimeConfig(Section):
@@ -252,23 +251,9 @@ class TrainCommon(Section):
     gradient_checkpointing: bool = F(
         True, "Gradient checkpointing ('unsloth' flavour on the unsloth backend)."
     )
-    packing: bool = F(
-        False,
-        "SFT nodes: padding-free packing. Each optimizer step still takes batch_size * grad_accum examples "
-        "(the same shuffled groups as unpacked), laid end to end in one row per micro-batch with position ids "
-        "restarting per example (varlen attention on the unsloth backend, a block-diagonal mask on hf); the "
-        "loss stays the token mean over the step's completion tokens, so per-example weighting is unchanged. "
-        "The micro-batch count per step follows from packed_tokens_per_batch. The classifier ignores it.",
-    )
-    packed_tokens_per_batch: int = F(
-        16384,
-        "packing: most tokens in one packed micro-batch (raised to max_seq_length if smaller). A step whose "
-        "examples hold more is split into several micro-batches, balanced by tokens (gradient accumulation).",
-        ge=16,
-    )
     log_every: int = F(10, "Log loss, learning rate, grad norm and tokens/s every N optimizer steps.", ge=1)
     checkpoint_every: int = F(50, "Save a resumable checkpoint every N optimizer steps.", ge=1)
-    seed: int = F(3407, "Training seed.", ge=0)
+    seed: int | None = F(None, "Training seed; None = project.seed.", ge=0)
     save_merged: bool = F(True, "Also write the merged 16-bit model (needed for GGUF).")
     cpu_threads: int | None = F(
         None,
@@ -285,11 +270,28 @@ class TrainCommon(Section):
     )
 
 
-class TrainFunctionCallingConfig(TrainCommon):
+class SFTCommon(TrainCommon):
+    packing: bool = F(
+        False,
+        "SFT nodes: padding-free packing. Each optimizer step still takes batch_size * grad_accum examples "
+        "(the same shuffled groups as unpacked), laid end to end in one row per micro-batch with position ids "
+        "restarting per example (varlen attention on the unsloth backend, a block-diagonal mask on hf); the "
+        "loss stays the token mean over the step's completion tokens, so per-example weighting is unchanged. "
+        "The micro-batch count per step follows from packed_tokens_per_batch.",
+    )
+    packed_tokens_per_batch: int = F(
+        16384,
+        "packing: most tokens in one packed micro-batch (raised to max_seq_length if smaller). A step whose "
+        "examples hold more is split into several micro-batches, balanced by tokens (gradient accumulation).",
+        ge=16,
+    )
+
+
+class TrainFunctionCallingConfig(SFTCommon):
     pass
 
 
-class TrainExtractorConfig(TrainCommon):
+class TrainExtractorConfig(SFTCommon):
     pass
 
 
@@ -489,6 +491,14 @@ class PipelineConfig(Section):
     config_dir: str = F(
         "", "Directory of the config file; relative paths resolve against it (set by the loader)."
     )
+
+    @model_validator(mode="after")
+    def _training_seeds(self) -> PipelineConfig:
+        """A training section without its own seed trains with project.seed."""
+        for sec in (self.train_function_calling, self.train_extractor, self.train_classifier):
+            if sec.seed is None:
+                sec.seed = self.project.seed
+        return self
 
     @field_validator("config_dir")
     @classmethod

@@ -318,3 +318,19 @@ def test_count_parameters_counts_4bit_unpacked():
     m = SimpleNamespace(parameters=lambda: [Parameter(10, True), Params4bit(100, False)])
     # A packed 4-bit tensor of 100 uint8 holds 200 weights.
     assert R.count_parameters(m) == (10, 210)
+
+
+def test_project_seed_is_the_training_seed_unless_a_section_sets_one(tmp_path):
+    import yaml
+
+    from dagtune.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["project"]["seed"] = 11
+    raw["train_extractor"]["seed"] = 5
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    cfg = load_config(p, profile="tiny")
+    assert cfg.train_function_calling.seed == cfg.train_classifier.seed == 11
+    assert cfg.train_extractor.seed == 5
+    assert "packing" not in type(cfg.train_classifier).model_fields, "the classifier does not pack"
