@@ -290,9 +290,8 @@ def main() -> None:
         from dagtune.training.runtime import unsloth_module
 
         unsloth_module()  # before transformers/trl
-    from transformers import AutoTokenizer
-
     import node_hooks
+    from transformers import AutoTokenizer
 
     from dagtune.training import sft
 

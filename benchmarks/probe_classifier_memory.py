@@ -38,6 +38,7 @@ def main() -> None:
 
     import torch
     import torch.nn.functional as F
+
     from dagtune.training.runtime import unsloth_module
 
     unsloth_module()  # before transformers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,9 +65,10 @@ def input_stats(task: str, examples: list[dict[str, Any]], rows_read: int) -> di
 # ------------------------------------------------------------------------------------------------
 # summary.md
 # ------------------------------------------------------------------------------------------------
-def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], cell: Callable[[Any], str] = str) -> list[str]:
+    """A markdown table (and a blank line): the data summary's and the evaluation report's."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return lines + [""]
 
 

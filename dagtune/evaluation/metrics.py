@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dagtune.data.split import fold_arabic
 from dagtune.evaluation.safe_arith import ArithmeticCheckError, check_equation, safe_eval, sanitize
 from dagtune.formats import parse_eq, parse_function_calls
 
@@ -23,15 +24,12 @@ from dagtune.formats import parse_eq, parse_function_calls
 # Text and value normalization
 # --------------------------------------------------------------------------------------------
 
-_ARABIC_LETTERS = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ٱ": "ا", "ى": "ي", "ة": "ه"})
-# Harakat U+064B-U+0652, superscript alef U+0670 and tatweel U+0640 carry no identity for matching.
-_ARABIC_MARKS = re.compile("[\u064b-\u0652\u0670\u0640]")
 _NUMERIC_STR = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def normalize_arabic(text: str) -> str:
-    """Unify alef variants, ى→ي, ة→ه; drop tatweel and diacritics.  No-op on Latin text."""
-    return _ARABIC_MARKS.sub("", text.translate(_ARABIC_LETTERS))
+    """Unify alef variants, ى→ي, ة→ه (and the rest of the data's fold); drop tatweel and diacritics."""
+    return fold_arabic(text)
 
 
 def normalize_text(text: str, *, arabic: bool = False) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 import pandas as pd
 
+from dagtune.data.split import read_split
 from dagtune.evaluation import plots
 from dagtune.evaluation.generate import Generator, resolve_device
 from dagtune.evaluation.metrics import choose_threshold, classifier_metrics
@@ -82,13 +83,6 @@ def load_classifier(artifact_dir: Path, device: str = "cpu") -> FlawedProbabilit
 
     loaded = _load(artifact_dir, device=device)
     return FlawedProbability(loaded[0] if isinstance(loaded, tuple) else loaded)
-
-
-def read_split(data_dir: Path, task: str, split: str) -> pd.DataFrame:
-    p = Path(data_dir) / task / f"{split}.parquet"
-    if not p.is_file():
-        raise FileNotFoundError(f"prepare_data artifact has no {task}/{split}.parquet ({p})")
-    return pd.read_parquet(p)
 
 
 def base_model_name(art: Artifact) -> str:

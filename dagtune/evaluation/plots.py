@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,21 +86,10 @@ def group_bars_png(
 
 def read_train_log(path: Path) -> list[dict[str, Any]]:
     """Rows of a train_log.jsonl with a numeric ``step`` and ``loss``; bad lines are skipped."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if (
-            isinstance(rec, dict)
-            and isinstance(rec.get("loss"), (int, float))
-            and isinstance(rec.get("step"), (int, float))
-        ):
-            rows.append(rec)
-    return rows
+    from dagtune.jsonl import read_records
+
+    num = (int, float)
+    return [r for r in read_records(path) if isinstance(r.get("loss"), num) and isinstance(r.get("step"), num)]
 
 
 def loss_curves_png(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dagtune.data.report import table as md_table
+
 FC_COLUMNS = (
     "parse_ok_rate",
     "tool_name_accuracy",
@@ -32,9 +34,7 @@ def signed(v: Any) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
-    return out + [""]
+    return md_table(header, rows, cell=lambda c: c if isinstance(c, str) else fmt(c))
 
 
 def _compare(block: dict[str, Any], columns: Sequence[str], delta: dict[str, Any] | None) -> list[str]:

@@ -444,17 +444,6 @@ def child_run(
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Training logs (one JSON object per line); unreadable lines are skipped, not fatal."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    from dagtune.jsonl import read_records
+
+    return read_records(path)

@@ -50,7 +50,14 @@ from typing import Any
 
 from dagtune.data.split import read_split
 from dagtune.training import common as C
-from dagtune.training.runtime import Loaded, Runtime, count_parameters, key_inputs_for, stop_token_ids, unsloth_module
+from dagtune.training.runtime import (
+    Loaded,
+    Runtime,
+    count_parameters,
+    key_inputs_for,
+    stop_token_ids,
+    unsloth_module,
+)
 
 
 @dataclass(frozen=True)
