@@ -287,7 +287,7 @@ def main() -> None:
     mdir = ensure_model(args.model, root, args.tiny, args.device, args.tokenizer_cache)
 
     if args.backend == "unsloth":
-        from dagtune.training.runtime import unsloth_module
+        from dagtune.runtime import unsloth_module
 
         unsloth_module()  # before transformers/trl
     import node_hooks

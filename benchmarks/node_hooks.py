@@ -18,8 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from dagtune import runtime as R
 from dagtune.training import common as C
-from dagtune.training import runtime as R
 
 
 class GcStepTimer(C.StepTimer):
@@ -58,7 +58,10 @@ class GcStepTimer(C.StepTimer):
     def peaks(self) -> dict[str, int]:
         if self.peak_allocated_bytes is None:
             return {}
-        return {"peak_allocated_bytes": self.peak_allocated_bytes, "peak_reserved_bytes": self.peak_reserved_bytes}
+        return {
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+        }
 
 
 def body_token_ids(tokenizer: Any) -> list[int]:

@@ -2,7 +2,7 @@
 
 The node (`LastTokenClassifier` on the decoder body) peaked above the raw Unsloth causal-LM loop on
 Phi-4-mini although it skips the 200k-vocabulary head. This probe loads the model once the way the
-node does (`dagtune.training.runtime.Runtime.load_lora`, Unsloth, LoRA r=32 on all linear layers) and
+node does (`dagtune.runtime.Runtime.load_lora`, Unsloth, LoRA r=32 on all linear layers) and
 measures peak memory over the loaded baseline of one forward+backward in each way of calling it:
 
   lm          peft_model(input_ids, attention_mask, labels)   (the raw Unsloth loop's call)
@@ -39,13 +39,13 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from dagtune.training.runtime import unsloth_module
+    from dagtune.runtime import unsloth_module
 
     unsloth_module()  # before transformers
     from dagtune.config import RuntimeConfig, TrainClassifierConfig
+    from dagtune.runtime import Runtime
     from dagtune.store import ArtifactStore
     from dagtune.training import classifier as K
-    from dagtune.training.runtime import Runtime
 
     sec = TrainClassifierConfig.model_validate(
         {
@@ -61,7 +61,9 @@ def main() -> None:
         }
     )
     rt = Runtime.decide(RuntimeConfig(device="cuda", backend="unsloth"), sec.model)
-    loaded = rt.load_lora(sec, ArtifactStore(Path("/tmp/probe-store")), loader="FastLanguageModel", task_type=None)
+    loaded = rt.load_lora(
+        sec, ArtifactStore(Path("/tmp/probe-store")), loader="FastLanguageModel", task_type=None
+    )
     peft_model = loaded.model
     hidden = peft_model.get_base_model().config.get_text_config().hidden_size
     clf = K.LastTokenClassifier(K.decoder_of(peft_model), hidden, 2)

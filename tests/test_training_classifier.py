@@ -33,8 +33,8 @@ def test_pooling_does_not_depend_on_padding_side():
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from dagtune import runtime as R
     from dagtune.models import resolve_model
-    from dagtune.training import runtime as R
 
     lm = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-phi3", shared_store()))
     sec = tiny_section("train_classifier")

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from dagtune import runtime as R
 from dagtune.config import OptimConfig, RuntimeConfig, load_config
 from dagtune.pipeline import NodeContext
 from dagtune.store import Artifact, ArtifactStore
 from dagtune.training import common as C
-from dagtune.training import runtime as R
 
 # ----------------------------------------------------------------------------------------------
 # shared fixtures (imported by test_training_sft.py / test_training_classifier.py)

@@ -319,7 +319,7 @@ def test_unsloth_path_with_stand_in(tmp_path, monkeypatch):
     fake = _fake_unsloth(calls)
     monkeypatch.setitem(sys.modules, "unsloth", fake)
     monkeypatch.setitem(sys.modules, "unsloth.chat_templates", fake.chat_templates)
-    from dagtune.training import runtime as R
+    from dagtune import runtime as R
 
     monkeypatch.setattr(R, "resolve_backend", lambda runtime, device=None: "unsloth")
     sec = tiny_section("train_function_calling", **{**SHORT, "optim": {"max_steps": 2}})

@@ -65,7 +65,9 @@ def input_stats(task: str, examples: list[dict[str, Any]], rows_read: int) -> di
 # ------------------------------------------------------------------------------------------------
 # summary.md
 # ------------------------------------------------------------------------------------------------
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], cell: Callable[[Any], str] = str) -> list[str]:
+def table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], cell: Callable[[Any], str] = str
+) -> list[str]:
     """A markdown table (and a blank line): the data summary's and the evaluation report's."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dagtune.formats import END_OF_TURN
-from dagtune.training.runtime import resolve_device
+from dagtune.runtime import resolve_device
 
 log = logging.getLogger("dagtune.evaluation")
 

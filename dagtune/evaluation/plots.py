@@ -89,7 +89,9 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
     from dagtune.jsonl import read_records
 
     num = (int, float)
-    return [r for r in read_records(path) if isinstance(r.get("loss"), num) and isinstance(r.get("step"), num)]
+    return [
+        r for r in read_records(path) if isinstance(r.get("loss"), num) and isinstance(r.get("step"), num)
+    ]
 
 
 def loss_curves_png(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:

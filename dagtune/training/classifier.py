@@ -13,140 +13,37 @@ checkpoints (trainable weights as safetensors, optimizer, scheduler, RNG and tra
 with ``weights_only``) and resume are the Trainer's own. save: adapter/, head.safetensors,
 classifier_config.json, tokenizer/, merged/ (base + adapter merged, so the artifact alone rebuilds the
 classifier), reference_logits.json (logits of a few validation texts from the trained model in memory:
-the loader must reproduce them), train_log.jsonl.
-
-Pooling: the index of the last token whose attention mask is 1, and position ids counted from the
-mask, so left and right padding give the same logits.
+the loader must reproduce them), train_log.jsonl. The model itself and its loader:
+``dagtune.models.classifier``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from dagtune.data.split import read_split
+from dagtune.models.classifier import (  # noqa: F401  (the artifact's model and loader, re-exported)
+    CONFIG_FILE,
+    HEAD_FILE,
+    LABELS,
+    REFERENCE_FILE,
+    LastTokenClassifier,
+    collate,
+    decoder_of,
+    encode,
+    last_token_index,
+    load_classifier,
+    predict_proba,
+)
+from dagtune.runtime import Runtime, count_parameters, dtype_name, key_inputs_for
 from dagtune.training import common as C
-from dagtune.training.runtime import Runtime, count_parameters, dtype_name, ensure_pad_token, key_inputs_for
 
-CONFIG_FILE = "classifier_config.json"
-HEAD_FILE = "head.safetensors"
-REFERENCE_FILE = "reference_logits.json"
 TRAINABLE_FILE = "trainable.safetensors"
 CHECKPOINT_FILES = (TRAINABLE_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json")
-LABELS = {0: "correct", 1: "flawed"}
 N_REFERENCE = 8
-
-
-# ----------------------------------------------------------------------------------------------
-# the model
-# ----------------------------------------------------------------------------------------------
-def last_token_index(attention_mask: Any) -> Any:
-    """Index of the last position with mask 1 in each row: right padding -> length-1, left -> L-1."""
-    import torch
-
-    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (pos * attention_mask.long()).argmax(dim=-1)
-
-
-def decoder_of(lm: Any) -> Any:
-    """The transformer body (no LM head) of a causal LM, a peft model around one, or Unsloth's."""
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    if hasattr(base, "get_decoder"):
-        dec = base.get_decoder()
-        if dec is not None:
-            return dec
-    return base.model
-
-
-def _make_module_class() -> type:
-    import torch
-    from torch import nn
-
-    class LastTokenClassifier(nn.Module):
-        """backbone (decoder body, LoRA inside) -> hidden state at the last non-pad token -> Linear."""
-
-        def __init__(self, backbone: nn.Module, hidden_size: int, num_labels: int):
-            super().__init__()
-            self.backbone = backbone
-            self.head = nn.Linear(hidden_size, num_labels, dtype=torch.float32)
-            self.tokenizer: Any = None
-            self.max_length: int | None = None
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            out = self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
-            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-            idx = last_token_index(attention_mask)
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-            return self.head(pooled.to(self.head.weight.dtype))
-
-        @property
-        def device(self) -> torch.device:
-            return self.head.weight.device
-
-        @torch.no_grad()
-        def logits(self, texts: list[str], batch_size: int = 16) -> torch.Tensor:
-            """Logits for rendered prompts (the prepare_data ``prompt`` column), in the given order."""
-            if self.tokenizer is None:
-                raise RuntimeError("no tokenizer attached: build the classifier with load_classifier()")
-            was_training = self.training
-            self.eval()
-            enc = encode(self.tokenizer, list(texts), self.max_length)
-            out = []
-            for i in range(0, len(enc), batch_size):
-                batch = collate(enc[i : i + batch_size], self.tokenizer, self.device)
-                out.append(self(batch["input_ids"], batch["attention_mask"]).float().cpu())
-            self.train(was_training)
-            return torch.cat(out) if out else torch.empty(0, self.head.out_features)
-
-        def predict_proba(self, texts: list[str], batch_size: int = 16) -> Any:
-            """Class probabilities, shape (len(texts), num_labels); column 1 = P(flawed)."""
-            return self.logits(texts, batch_size).softmax(-1).numpy()
-
-    return LastTokenClassifier
-
-
-_CLS: type | None = None
-
-
-def LastTokenClassifier(backbone: Any, hidden_size: int, num_labels: int) -> Any:  # noqa: N802
-    """Build the classifier module (the class is created on first use: torch is imported lazily)."""
-    global _CLS
-    if _CLS is None:
-        _CLS = _make_module_class()
-    return _CLS(backbone, hidden_size, num_labels)
-
-
-def encode(tokenizer: Any, texts: list[str], max_length: int | None) -> list[list[int]]:
-    """Token ids of rendered prompts, no special tokens added (the template already has them). Longer
-    than ``max_length``: the end is kept, so the pooled token is still the prompt's last one."""
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
-    return [x[-max_length:] if max_length and len(x) > max_length else x for x in ids]
-
-
-def collate(rows: list[list[int]], tokenizer: Any, device: Any = "cpu") -> dict[str, Any]:
-    """Pad to the longest row, on the tokenizer's padding side."""
-    import torch
-
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if tok.padding_side == "left":
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
-        else:
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +71,9 @@ def classification_metrics(labels: list[int], preds: list[int], num_labels: int)
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
-    return {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def load_trainable(model: Any, path: Path) -> None:
@@ -219,7 +118,9 @@ def _trainer_class() -> type:
             """The step's summed class weight (its example count unweighted): each micro-batch's summed loss
             is divided by it, so the step's loss is the weighted mean over all its examples."""
             labels = torch.cat([b["labels"] for b in batch_samples])
-            return self.weights.to(labels.device)[labels].sum() if self.weights is not None else labels.numel()
+            return (
+                self.weights.to(labels.device)[labels].sum() if self.weights is not None else labels.numel()
+            )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             labels = inputs.pop("labels")
@@ -265,7 +166,9 @@ def collator(tokenizer: Any) -> Any:
 
 def _compute_metrics(num_labels: int) -> Any:
     def compute(pred: Any) -> dict[str, float]:
-        return classification_metrics(pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist(), num_labels)
+        return classification_metrics(
+            pred.label_ids.tolist(), pred.predictions.argmax(-1).tolist(), num_labels
+        )
 
     return compute
 
@@ -289,7 +192,9 @@ def _classifier_model(cfg: Any, rt: Runtime, peft_model: Any) -> Any:
     else:
         model.to(rt.device)
     if cfg.gradient_checkpointing and rt.backend == "hf" and not rt.load_in_4bit:
-        peft_model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     return model.train()
 
 
@@ -358,7 +263,9 @@ def _save(ctx: Any, run: C.NodeRun, ref_df: Any) -> dict[str, Any]:
     model.eval()
     texts, ids = list(ref_df["prompt"][:N_REFERENCE]), list(ref_df["id"][:N_REFERENCE])
     ref = {"ids": ids, "texts": texts, "logits": model.logits(texts).tolist()}
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE)
+    )
     conf = {
         "format": 1, "architecture": "LastTokenClassifier", "pooling": "last_non_pad_token",
         "base_model": cfg.model.name, "base_model_path": run.loaded.model_path,
@@ -390,59 +297,6 @@ def build_classifier(ctx: Any) -> dict[str, Any]:
 
 def key_inputs(cfg: Any) -> dict[str, Any]:
     return key_inputs_for(cfg.train_classifier, cfg.runtime, cfg.artifact_root)
-
-
-# ----------------------------------------------------------------------------------------------
-# loading from the artifact
-# ----------------------------------------------------------------------------------------------
-def load_classifier(
-    artifact_dir: str | os.PathLike[str], device: str = "cpu", dtype: Any = None
-) -> tuple[Any, Any]:
-    """Rebuild the trained classifier from its artifact directory alone: (model, tokenizer), in eval
-    mode, with ``model.predict_proba(texts)``. Uses merged/ when present; otherwise the recorded base
-    model path (or hub id) plus adapter/."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = Path(artifact_dir)
-    conf = json.loads((d / CONFIG_FILE).read_text())
-    dtype = dtype or getattr(torch, conf.get("merged_dtype") or "float32")
-    tok = AutoTokenizer.from_pretrained(str(d / conf.get("tokenizer", "tokenizer")))
-    ensure_pad_token(tok)
-    if (d / "merged").is_dir():
-        lm = AutoModelForCausalLM.from_pretrained(str(d / "merged"), dtype=dtype)
-    else:
-        from peft import PeftModel
-
-        base_ref = conf["base_model_path"]
-        if not Path(base_ref).is_dir():
-            from dagtune.models import is_tiny
-
-            if is_tiny(conf["base_model"]):
-                raise FileNotFoundError(
-                    f"{d}: no merged/ and the tiny base model directory {base_ref} is gone; train with "
-                    "save_merged: true or rebuild the tiny model"
-                )
-            base_ref = conf["base_model"]  # a hub id (or a path that moved back)
-        base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=dtype)
-        if len(tok) > base.get_input_embeddings().weight.shape[0]:  # Unsloth added a pad token
-            base.resize_token_embeddings(len(tok))
-        lm = PeftModel.from_pretrained(base, str(d / conf.get("adapter", "adapter"))).merge_and_unload()
-    model = LastTokenClassifier(decoder_of(lm), conf["hidden_size"], conf["num_labels"])
-    model.head.load_state_dict(load_file(str(d / conf.get("head", HEAD_FILE))))
-    model.tokenizer, model.max_length = tok, conf["max_length"]
-    model.to(device)
-    model.eval()
-    return model, tok
-
-
-def predict_proba(artifact_or_model: Any, texts: list[str], batch_size: int = 16) -> Any:
-    """P(label) for rendered prompts, from a loaded classifier or an artifact directory."""
-    model = artifact_or_model
-    if isinstance(model, (str, os.PathLike)):
-        model, _ = load_classifier(model)
-    return model.predict_proba(texts, batch_size)
 
 
 __all__ = [

@@ -12,8 +12,8 @@ have to re-implement each of these a second time (the classifier's old loop did,
 This module holds what the nodes share: the step arithmetic, ``training_args`` (one setup of the
 Trainer for every node), the ``train_log.jsonl`` writer and its callback, the ``StepTimer`` hook (the
 public way benchmarks and the manifest's ``timings`` see the run), checkpoint discovery, and
-``run_training`` / ``finish``: resume, train, the shared metrics, the adapter/merged save. The
-hardware decisions live in ``runtime.py``.
+``run_training`` / ``save_adapter``: resume, train, the shared metrics, the adapter/merged save. The
+hardware decisions live in ``dagtune/runtime.py``.
 
 Nothing here imports torch/transformers at module level: ``key_inputs`` runs while planning the DAG.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dagtune.jsonl import read_records
-from dagtune.training.runtime import Loaded, Runtime, dtype_name
+from dagtune.runtime import Loaded, Runtime, dtype_name
 
 log = logging.getLogger("dagtune.training")
 
@@ -61,7 +61,9 @@ def warmup_steps(optim: Any, total_steps: int) -> int:
     return max(0, min(int(w), cap))
 
 
-def training_args(section: Any, rt: Runtime, out: Path, total: int, warmup: int, cls: Any = None, **extra: Any) -> Any:
+def training_args(
+    section: Any, rt: Runtime, out: Path, total: int, warmup: int, cls: Any = None, **extra: Any
+) -> Any:
     """The TrainingArguments every node shares (``cls``: TRL's SFTConfig for the SFT nodes)."""
     if cls is None:
         from transformers import TrainingArguments as cls
@@ -125,7 +127,9 @@ def last_checkpoint(
     the node holds the key's lock, nobody else writes there) and the previous one is used."""
     if not directory.is_dir():
         return None
-    cands = sorted((p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step)
+    cands = sorted(
+        (p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step
+    )
     for p in reversed(cands):
         if checkpoint_complete(p, required):
             return p
@@ -401,4 +405,8 @@ def save_adapter(ctx: Any, run: NodeRun, stop_ids: list[int] | None = None) -> d
 
 def node_metrics(run: NodeRun, t0: float) -> dict[str, Any]:
     """The tail of every training node's metrics: wall time, peak memory, the per-phase timings."""
-    return {"node_seconds": round(time.time() - t0, 3), **run.rt.peak_memory(), "timings": run.timer.timings()}
+    return {
+        "node_seconds": round(time.time() - t0, 3),
+        **run.rt.peak_memory(),
+        "timings": run.timer.timings(),
+    }

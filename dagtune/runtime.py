@@ -1,4 +1,4 @@
-"""The hardware decision, made once per node: device, compute dtype, backend (``hf`` = transformers +
+"""The hardware decision, made once per node (training and generation resolve their device here): device, compute dtype, backend (``hf`` = transformers +
 peft + TRL, ``unsloth``), attention implementation and 4-bit loading, each with the reason it was
 taken; ``Runtime.manifest()`` goes into the training node's metrics. Model loading, LoRA wrapping,
 merging and the merged save go through the ``Runtime``, and this is the one module that imports
@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dagtune.models.classifier import ensure_pad_token
 
 log = logging.getLogger("dagtune.training")
 
@@ -118,8 +120,6 @@ class Runtime:
     @classmethod
     def decide(cls, runtime_cfg: Any, model_cfg: Any, state_dir: Path | None = None) -> Runtime:
         """Everything hardware-dependent, decided once from the runtime section and the model section."""
-        import torch
-
         device = resolve_device(runtime_cfg.device)
         if device == "cuda" and not cuda_available():
             raise RuntimeError("runtime.device=cuda but torch sees no CUDA device")
@@ -127,30 +127,21 @@ class Runtime:
         if backend == "unsloth":
             unsloth_module()
         why = {
-            "device": f"runtime.device={runtime_cfg.device}" + (" (CUDA present)" if device == "cuda" else ""),
+            "device": f"runtime.device={runtime_cfg.device}"
+            + (" (CUDA present)" if device == "cuda" else ""),
             "backend": f"runtime.backend={runtime_cfg.backend} on {device}"
             + (" (auto: unsloth on CUDA where installed, else hf)" if runtime_cfg.backend == "auto" else ""),
         }
-        if device == "cpu":
-            dtype, why["dtype"] = torch.float32, "CPU trains in float32 (no bf16 autocast on CPU)"
-            if model_cfg.dtype not in ("auto", "float32"):
-                log.warning("model.dtype=%s ignored on CPU: training in float32", model_cfg.dtype)
-        elif model_cfg.dtype == "auto":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            why["dtype"] = "model.dtype=auto: bf16 where the GPU supports it"
-        else:
-            dtype, why["dtype"] = getattr(torch, model_cfg.dtype), f"model.dtype={model_cfg.dtype}"
+        dtype, why["dtype"] = _compute_dtype(model_cfg.dtype, device)
         four_bit = bool(model_cfg.load_in_4bit) and device == "cuda"
-        why["load_in_4bit"] = f"model.load_in_4bit={model_cfg.load_in_4bit}" + (
-            ", ignored: bitsandbytes NF4 needs CUDA" if model_cfg.load_in_4bit and not four_bit else ""
-        )
+        why["load_in_4bit"] = f"model.load_in_4bit={model_cfg.load_in_4bit}"
         if model_cfg.load_in_4bit and not four_bit:
+            why["load_in_4bit"] += ", ignored: bitsandbytes NF4 needs CUDA"
             log.warning("model.load_in_4bit ignored on CPU (bitsandbytes NF4 needs CUDA)")
-        attn = "sdpa" if backend == "hf" else "unsloth"
-        why["attn_implementation"] = (
-            "SDPA: builds the block-diagonal mask packing needs from position ids"
+        attn, why["attn_implementation"] = (
+            ("sdpa", "SDPA: builds the block-diagonal mask packing needs from position ids")
             if backend == "hf"
-            else "Unsloth's patched attention"
+            else ("unsloth", "Unsloth's patched attention")
         )
         return cls(device, backend, dtype, four_bit, attn, why, set_compile_cache(state_dir))
 
@@ -203,7 +194,9 @@ class Runtime:
             torch.set_num_threads(old)
 
     # -- models ------------------------------------------------------------------------------------
-    def load_lora(self, section: Any, store: Any, *, loader: str = "FastModel", task_type: str | None = "CAUSAL_LM") -> Loaded:
+    def load_lora(
+        self, section: Any, store: Any, *, loader: str = "FastModel", task_type: str | None = "CAUSAL_LM"
+    ) -> Loaded:
         """Base causal LM + LoRA. The seed is set right before the adapter is created (LoRA A is random):
         same seed, same initial adapter."""
         from dagtune.models import resolve_model
@@ -223,7 +216,9 @@ class Runtime:
             kwargs["device_map"] = {"": 0}
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         if self.load_in_4bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=section.gradient_checkpointing)
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=section.gradient_checkpointing
+            )
         targets = resolve_target_modules(model, section.lora.target_modules)
         set_seed(section.seed)
         model = get_peft_model(model, lora_config(section, targets, task_type))
@@ -312,6 +307,21 @@ class Runtime:
                 "peak_memory_kind": "cpu_max_rss"}  # fmt: skip
 
 
+def _compute_dtype(name: str, device: str) -> tuple[Any, str]:
+    """(torch dtype, why): fp32 on CPU (no bf16 autocast there); on CUDA the configured one, auto = bf16
+    where the GPU supports it."""
+    import torch
+
+    if device == "cpu":
+        if name not in ("auto", "float32"):
+            log.warning("model.dtype=%s ignored on CPU: training in float32", name)
+        return torch.float32, "CPU trains in float32 (no bf16 autocast on CPU)"
+    if name == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dtype, "model.dtype=auto: bf16 where the GPU supports it"
+    return getattr(torch, name), f"model.dtype={name}"
+
+
 def dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -333,7 +343,11 @@ def linear_module_names(model: Any) -> list[str]:
     names = set()
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(mod, torch.nn.Linear) and mod is not out_emb and leaf not in {"lm_head", "score", "classifier"}:
+        if (
+            isinstance(mod, torch.nn.Linear)
+            and mod is not out_emb
+            and leaf not in {"lm_head", "score", "classifier"}
+        ):
             names.add(leaf)
     return sorted(names)
 
@@ -365,11 +379,6 @@ def count_parameters(model: Any) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
-
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
 
 
 def stop_token_ids(tokenizer: Any, tokens: tuple[str, ...]) -> list[int]:
