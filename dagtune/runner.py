@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from dagtune.config import PipelineConfig
-from dagtune.pipeline import NODE_ORDER, NODES, node_inputs, run_node
+from dagtune.pipeline import node_inputs, run_node
 from dagtune.store import PREFECT_RECORD, Artifact, ArtifactStore, content_key
 
 log = logging.getLogger("dagtune")
@@ -117,10 +117,3 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def selected_nodes(only: list[str] | None) -> list[str]:
-    unknown = [n for n in only or [] if n not in NODES]
-    if unknown:
-        raise ValueError(f"unknown node(s) {unknown}; nodes: {NODE_ORDER}")
-    return list(only or NODE_ORDER)

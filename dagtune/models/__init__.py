@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from dagtune.models.tiny import SPECS, TINY_VERSION, build_tiny, copy_tokenizer_files
+from dagtune.models.tiny import SPECS, TINY_VERSION, build_tiny
 from dagtune.store import Artifact, ArtifactStore, content_key
 
 NODE = "base_models"
@@ -46,7 +46,6 @@ __all__ = [
     "base_revision",
     "TINY_VERSION",
     "build_tiny",
-    "copy_tokenizer_files",
     "ensure_tiny",
     "is_tiny",
     "load_tokenizer",

@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import random
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -548,18 +547,3 @@ def build_tiny(name: str, out_dir: Path) -> dict[str, Any]:
     }
     _write_json(out_dir / "tiny_model.json", dict(sorted(meta.items())))
     return meta
-
-
-def copy_tokenizer_files(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy the tokenizer files of ``src_dir`` over those in ``dst_dir`` (for a merged/fine-tuned model).
-
-    transformers 5's ``save_pretrained`` neither writes ``tokenizer.model`` (llama.cpp's converter needs it
-    for Gemma) nor keeps ``added_tokens_decoder`` in tokenizer_config.json; fine-tuning does not change
-    the tokenizer, so the base directory's files are the right ones."""
-    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-    copied = []
-    for n in names:
-        if (Path(src_dir) / n).is_file():
-            shutil.copyfile(Path(src_dir) / n, Path(dst_dir) / n)
-            copied.append(n)
-    return copied
