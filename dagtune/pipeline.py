@@ -246,7 +246,7 @@ def run_node(
     inputs = node_inputs(name, cfg, {u: a.key for u, a in upstream.items()})
     key = content_key(inputs)
 
-    def build(out: Path, scratch: Path) -> dict[str, Any] | None:
+    def compute(out: Path, scratch: Path) -> dict[str, Any] | None:
         log.info("node %s: computing %s", name, key[:12])
         ctx = NodeContext(
             name=name,
@@ -261,7 +261,7 @@ def run_node(
             store=store,
             settings=settings_for(cfg, flow_run),
         )
-        # Lock order, the same in every run and thread, so no cycle: node key lock (build_once) ->
+        # Lock order, the same in every run and thread, so no cycle: node key lock (store.build) ->
         # training slot -> a base model's key lock (ensure_tiny); nothing is awaited while that last
         # one is held.
         if not node.needs_training_slot:
@@ -269,7 +269,7 @@ def run_node(
         with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
             return node.load(node.module)(ctx)
 
-    art, ran = store.build_once(name, inputs, build, force=force)
+    art, ran = store.build(name, inputs, compute, force=force)
     return art, NodeResult(name, "ran" if ran else "cached", time.time() - t0, key, art.path)
 
 

@@ -1,6 +1,6 @@
 """What the Prefect tasks call, kept free of Prefect so it is testable and reusable.
 
-``execute_node`` applies ``--only`` / ``--force`` and runs one node through the artifact store;
+``run_task`` applies ``--only`` / ``--force`` and runs one node through the artifact store;
 ``cache_record_key`` gives Prefect's task cache the same content key; ``prepare_environment`` points
 Prefect (home, local result storage) at the project's state directory before Prefect is imported.
 """
@@ -39,7 +39,7 @@ def cache_record_key(
     return f"{name}/{node_key(name, cfg, upstream)}/{PREFECT_RECORD}"
 
 
-def execute_node(
+def run_task(
     name: str,
     cfg: PipelineConfig,
     upstream: dict[str, dict],

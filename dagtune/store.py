@@ -173,14 +173,14 @@ class ArtifactStore:
         os.replace(tmp, final)
         return Artifact(node, key, str(final))
 
-    def build_once(
+    def build(
         self,
         node: str,
         inputs: dict[str, Any],
-        build: Callable[[Path, Path], dict[str, Any] | None],
+        compute: Callable[[Path, Path], dict[str, Any] | None],
         force: bool = False,
     ) -> tuple[Artifact, bool]:
-        """The one write path: return (artifact, ran). ``build(out_dir, scratch_dir)`` writes the files
+        """The one write path: return (artifact, ran). ``compute(out_dir, scratch_dir)`` writes the files
         and returns metrics; it runs only when no manifest exists for the key (or ``force``), under the
         key's lock, in a temp dir renamed into place after the manifest is written. ``scratch`` survives
         a killed attempt (checkpoints) and is removed after a successful commit."""
@@ -197,7 +197,7 @@ class ArtifactStore:
             scratch.mkdir(parents=True, exist_ok=True)
             started = time.time()
             try:
-                metrics = build(tmp, scratch) or {}
+                metrics = compute(tmp, scratch) or {}
                 art = self.commit(node, key, tmp, inputs, metrics, started)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

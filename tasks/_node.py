@@ -1,4 +1,4 @@
-"""One factory for every node task: the Prefect side of ``dagtune.runner.execute_node``.
+"""One factory for every node task: the Prefect side of ``dagtune.runner.run_task``.
 
 Prefect's task cache uses the node's content key. The cache record is written *inside* the artifact
 directory (``<store>/<node>/<key>/prefect-result``; the runner points Prefect's local result storage at
@@ -13,7 +13,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
-from dagtune.runner import cache_record_key, execute_node
+from dagtune.runner import cache_record_key, run_task
 
 
 def node_task(name: str):
@@ -30,7 +30,7 @@ def node_task(name: str):
     def run(cfg, upstream: dict[str, dict], only: list[str], force: list[str]) -> dict:
         from prefect.runtime import flow_run
 
-        return execute_node(
+        return run_task(
             name,
             cfg,
             upstream,

@@ -202,7 +202,7 @@ class KeywordClassifier:
 def make_upstream(store: ArtifactStore, *, garbage: bool = True) -> dict[str, Artifact]:
     """prepare_data + the three training artifacts, committed into ``store`` like real nodes."""
     ups: dict[str, Artifact] = {}
-    ups["prepare_data"], _ = store.build_once(
+    ups["prepare_data"], _ = store.build(
         "prepare_data", {"standin": "prepare_data"}, lambda out, _s: write_prepare_data(out, store)
     )
     for node, base, seed in (
@@ -210,7 +210,7 @@ def make_upstream(store: ArtifactStore, *, garbage: bool = True) -> dict[str, Ar
         ("train_extractor", "tiny-gemma3", 2),
     ):
         inputs = {"standin": node, "garbage": garbage, "config": {"model": {"name": base}}}
-        ups[node], _ = store.build_once(
+        ups[node], _ = store.build(
             node,
             inputs,
             lambda out, _s, b=base, s=seed: write_training(
@@ -221,7 +221,7 @@ def make_upstream(store: ArtifactStore, *, garbage: bool = True) -> dict[str, Ar
     def clf(out: Path, _s: Path) -> None:
         (out / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n")
 
-    ups["train_classifier"], _ = store.build_once(
+    ups["train_classifier"], _ = store.build(
         "train_classifier", {"standin": "train_classifier", "config": {"model": {"name": "tiny-phi3"}}}, clf
     )
     return ups

@@ -259,7 +259,7 @@ def build_artifacts(
         # each manifest records its node's config section and upstream keys, as run_node does
         upstream = {u: a.key for u, a in arts.items() if node == "evaluate" and u != "convert_gguf"}
         inputs = {"node": node, "config": getattr(cfg, node).model_dump(mode="json"), "upstream": upstream}
-        arts[node], _ = store.build_once(node, {**inputs, **extra}, fn)
+        arts[node], _ = store.build(node, {**inputs, **extra}, fn)
     return arts
 
 

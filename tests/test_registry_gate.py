@@ -118,7 +118,7 @@ def register(cfg, arts):
     """The register node as the pipeline runs it; its upstream needs every node (train_extractor is
     not registered by this config: a placeholder artifact)."""
     store = ArtifactStore(cfg.artifact_root)
-    ex, _ = store.build_once("train_extractor", {"node": "train_extractor"}, lambda out, s: {})
+    ex, _ = store.build("train_extractor", {"node": "train_extractor"}, lambda out, s: {})
     upstream = {**arts, "train_extractor": ex}
     art, _ = run_node("register", cfg, upstream, force=True)
     return art, json.loads((art.dir / "registered.json").read_text())["models"]

@@ -28,10 +28,10 @@ def _write_two(out: Path, scratch: Path):
     return {"rows": 2}
 
 
-def test_build_once_writes_manifest_with_hashes_and_caches(tmp_path):
+def test_build_writes_manifest_with_hashes_and_caches(tmp_path):
     store = ArtifactStore(tmp_path)
     inputs = {"node": "n", "x": 1}
-    art, ran = store.build_once("n", inputs, _write_two)
+    art, ran = store.build("n", inputs, _write_two)
     assert ran
     m = art.manifest()
     assert m["key"] == content_key(inputs) == art.key
@@ -44,7 +44,7 @@ def test_build_once_writes_manifest_with_hashes_and_caches(tmp_path):
     def boom(out, scratch):
         raise AssertionError("must not rebuild a cached key")
 
-    art2, ran2 = store.build_once("n", inputs, boom)
+    art2, ran2 = store.build("n", inputs, boom)
     assert not ran2 and art2.path == art.path
 
 
@@ -56,7 +56,7 @@ def test_failed_build_leaves_nothing(tmp_path):
         raise RuntimeError("node failed")
 
     try:
-        store.build_once("n", {"k": 1}, fail)
+        store.build("n", {"k": 1}, fail)
     except RuntimeError:
         pass
     assert store.get("n", content_key({"k": 1})) is None
@@ -70,20 +70,20 @@ def test_stale_dir_without_manifest_is_not_an_artifact_and_is_replaced(tmp_path)
     stale.mkdir(parents=True)
     (stale / "half.bin").write_text("half")
     assert store.get("n", key) is None
-    art, ran = store.build_once("n", {"k": 2}, _write_two)
+    art, ran = store.build("n", {"k": 2}, _write_two)
     assert ran and not (art.dir / "half.bin").exists() and (art.dir / MANIFEST).exists()
 
 
 def test_force_rebuilds(tmp_path):
     store = ArtifactStore(tmp_path)
-    store.build_once("n", {"k": 3}, _write_two)
+    store.build("n", {"k": 3}, _write_two)
     calls = []
 
     def again(out, scratch):
         calls.append(1)
         return _write_two(out, scratch)
 
-    _, ran = store.build_once("n", {"k": 3}, again, force=True)
+    _, ran = store.build("n", {"k": 3}, again, force=True)
     assert ran and calls == [1]
 
 
@@ -95,7 +95,7 @@ def _slow_build(root: str, marker_dir: str) -> None:
         time.sleep(1.0)
         (out / "f").write_text("x")
 
-    store.build_once("n", {"k": "same"}, build)
+    store.build("n", {"k": "same"}, build)
 
 
 def test_two_processes_compute_a_key_once(tmp_path):
@@ -120,7 +120,7 @@ def _killed_build(root: str) -> None:
         (scratch / "checkpoint").write_text("step 5")
         time.sleep(60)
 
-    store.build_once("n", {"k": "kill"}, build)
+    store.build("n", {"k": "kill"}, build)
 
 
 def test_sigkill_while_writing_leaves_no_manifest_and_rerun_succeeds(tmp_path):
@@ -143,7 +143,7 @@ def test_sigkill_while_writing_leaves_no_manifest_and_rerun_succeeds(tmp_path):
         seen["checkpoint"] = (scratch / "checkpoint").read_text()
         (out / "f").write_text("ok")
 
-    art, ran = store.build_once("n", {"k": "kill"}, build)
+    art, ran = store.build("n", {"k": "kill"}, build)
     assert ran and seen["checkpoint"] == "step 5"
     assert json.loads((art.dir / MANIFEST).read_text())["key"] == key
     assert not (root / ".scratch" / f"n-{key}").exists()

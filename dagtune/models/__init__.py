@@ -79,7 +79,7 @@ def ensure_tiny(name: str, store: ArtifactStore) -> tuple[Artifact, bool]:
     def build(out: Path, scratch: Path) -> dict[str, Any]:
         return build_tiny(name, out)
 
-    return store.build_once(NODE, inputs, build)
+    return store.build(NODE, inputs, build)
 
 
 def _local_dir(name: str) -> Path | None:
