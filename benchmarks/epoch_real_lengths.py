@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -170,18 +169,10 @@ def resample(rows: list[dict], n: int, seed: int) -> list[tuple[int, int]]:
 # the timed epochs (GPU)
 # ---------------------------------------------------------------------------------------------
 def device_name(device: str) -> str:
-    if device != "cuda":
-        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    try:
-        q = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        return q.stdout.strip().splitlines()[0]
-    except Exception as e:  # pragma: no cover
-        return f"cuda (nvidia-smi failed: {e})"
+    from train_throughput import device_info  # its nvidia-smi query, without a CUDA context here
+
+    info = device_info(device)
+    return ", ".join(x for x in (info["device"], info.get("device_memory")) if x)
 
 
 def ensure_model(model: str, root: Path, tiny: bool, device: str, tokenizer_cache: str | None) -> Path:

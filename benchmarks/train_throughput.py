@@ -54,6 +54,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from dagtune.models.tiny import PHI4_MINI_ARCH  # noqa: E402  (the checkout's dagtune)
 
 GIB = 1024**3
 
@@ -66,58 +68,47 @@ _GEMMA_ROPE = {
 }
 
 
+# What FunctionGemma-270M and Gemma-3-1B share besides their sizes.
+_GEMMA_COMMON = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "vocab_size": 262144,
+    "sliding_window": 512,
+    "max_position_embeddings": 32768,
+    "rope_parameters": _GEMMA_ROPE,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+
 def _gemma_layers(n: int) -> list[str]:
     # Gemma-3: five sliding-window layers, then one global layer.
     return ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
 
 
+def _gemma(reference: str, tiny_tokenizer: str, hidden: int, intermediate: int, layers: int) -> dict:
+    """A Gemma-3 entry of MODELS: the SFT node's hook, LoRA on every block linear, the given sizes."""
+    return {
+        "family": "gemma3",
+        "reference": reference,
+        "tiny_tokenizer": tiny_tokenizer,
+        "node_hook": ("node_hooks", "sft_train_steps"),
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "config": {
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": layers,
+            **_GEMMA_COMMON,
+        },  # fmt: skip
+    }
+
+
 MODELS: dict[str, dict] = {
-    "functiongemma-270m": {
-        "family": "gemma3",
-        "reference": "unsloth/functiongemma-270m-it",
-        "tiny_tokenizer": "tiny-functiongemma",
-        "node_hook": ("node_hooks", "sft_train_steps"),
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "config": {
-            "hidden_size": 640,
-            "intermediate_size": 2048,
-            "num_hidden_layers": 18,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 256,
-            "query_pre_attn_scalar": 256,
-            "vocab_size": 262144,
-            "sliding_window": 512,
-            "max_position_embeddings": 32768,
-            "rope_parameters": _GEMMA_ROPE,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
-        },
-    },
-    "gemma-3-1b": {
-        "family": "gemma3",
-        "reference": "unsloth/gemma-3-1b-it",
-        "tiny_tokenizer": "tiny-gemma3",
-        "node_hook": ("node_hooks", "sft_train_steps"),
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "config": {
-            "hidden_size": 1152,
-            "intermediate_size": 6912,
-            "num_hidden_layers": 26,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 256,
-            "query_pre_attn_scalar": 256,
-            "vocab_size": 262144,
-            "sliding_window": 512,
-            "max_position_embeddings": 32768,
-            "rope_parameters": _GEMMA_ROPE,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
-        },
-    },
+    "functiongemma-270m": _gemma("unsloth/functiongemma-270m-it", "tiny-functiongemma", 640, 2048, 18),
+    "gemma-3-1b": _gemma("unsloth/gemma-3-1b-it", "tiny-gemma3", 1152, 6912, 26),
     "phi-4-mini": {
         "family": "phi3",
         "reference": "microsoft/Phi-4-mini-instruct",
@@ -133,15 +124,7 @@ MODELS: dict[str, dict] = {
             "num_key_value_heads": 8,
             "vocab_size": 200064,
             "max_position_embeddings": 131072,
-            "original_max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10_000.0,
-                "partial_rotary_factor": 0.75,
-            },
-            "hidden_act": "silu",
-            "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": True,
+            **PHI4_MINI_ARCH,
         },
     },
 }

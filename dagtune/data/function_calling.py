@@ -146,13 +146,18 @@ def parse_mobile_actions_row(
 def load_mobile_actions(src: SourceRows, policy: str) -> tuple[list[dict[str, Any]], ToolCatalog]:
     """Google Mobile Actions rows -> examples; the catalog is every tool the source declares."""
     catalog = ToolCatalog()
+    return _parse_rows(src, catalog, policy, parse_mobile_actions_row), catalog
+
+
+def _parse_rows(src: SourceRows, catalog: ToolCatalog, policy: str, parse: Any) -> list[dict[str, Any]]:
+    """Every row through ``parse``; a row it rejects goes to the bad-row log with its reason."""
     out = []
     for row in src.rows:
         try:
-            out.append(parse_mobile_actions_row(row, catalog, policy, src.bad, src.name))
+            out.append(parse(row, catalog, policy, src.bad, src.name))
         except RowProblem as e:
             src.bad.add(row.line, e.reason, e.detail)
-    return out, catalog
+    return out
 
 
 def parse_flat_row(
@@ -180,13 +185,7 @@ def parse_flat_row(
 
 def load_flat(src: SourceRows, catalog: ToolCatalog, policy: str) -> list[dict[str, Any]]:
     """HeshamHaroon/Arabic_Function_Calling columns; the schemas come from the catalog file."""
-    out = []
-    for row in src.rows:
-        try:
-            out.append(parse_flat_row(row, catalog, policy, src.bad, src.name))
-        except RowProblem as e:
-            src.bad.add(row.line, e.reason, e.detail)
-    return out
+    return _parse_rows(src, catalog, policy, parse_flat_row)
 
 
 def add_distractors(examples: list[dict[str, Any]], catalog: ToolCatalog, k: int, seed: int) -> None:

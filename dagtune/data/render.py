@@ -90,35 +90,26 @@ def render_function_calling(
     }
 
 
+def _rendered(conversation: tuple[str, str, str], ex: dict[str, Any], carried: tuple[str, ...]) -> dict:
+    prompt, completion, text = conversation
+    return {"prompt": prompt, "completion": completion, "text": text, **{k: ex[k] for k in carried}}
+
+
 def render_extractor(tokenizer: Any, ex: dict[str, Any]) -> dict:
     """Gemma-3: fixed instruction + the line in the user turn; target <eq>lhs=rhs</eq> or <eq></eq>."""
     messages = [{"role": "user", "content": EXTRACTOR_INSTRUCTION + ex["line"]}]
     target = {"role": "assistant", "content": format_eq(ex["eqn"])}
-    prompt, completion, text = render_conversation(tokenizer, messages, target)
-    return {
-        "prompt": prompt,
-        "completion": completion,
-        "text": text,
-        "line": ex["line"],
-        "eqn": ex["eqn"],
-        "type": ex["type"],
-    }
+    return _rendered(render_conversation(tokenizer, messages, target), ex, ("line", "eqn", "type"))
 
 
 def render_classifier(tokenizer: Any, ex: dict[str, Any]) -> dict:
     """Phi: a tutor prompt with problem and solution; the label is a column, not generated text."""
     messages = [{"role": "user", "content": CLASSIFIER_PROMPT.format(**ex)}]
     target = {"role": "assistant", "content": CLASSIFIER_VERDICTS[ex["label"]]}
-    prompt, completion, text = render_conversation(tokenizer, messages, target)
-    return {
-        "prompt": prompt,
-        "completion": completion,
-        "text": text,
-        "question": ex["question"],
-        "solution": ex["solution"],
-        "label": int(ex["label"]),
-        "error_type": ex["error_type"],
-    }
+    row = _rendered(
+        render_conversation(tokenizer, messages, target), ex, ("question", "solution", "error_type")
+    )
+    return {**row, "label": int(ex["label"])}
 
 
 def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:

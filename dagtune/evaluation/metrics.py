@@ -368,6 +368,19 @@ def _prepare(y_true: Iterable[Any], prob: Iterable[float]) -> tuple[np.ndarray, 
     return y, p
 
 
+def _per_class(labels: Sequence[str], prec: Any, rec: Any, f1: Any, sup: Any) -> dict[str, dict[str, Any]]:
+    """sklearn's precision_recall_fscore_support arrays as {label: {precision, recall, f1, support}}."""
+    return {
+        label: {
+            "precision": float(prec[i]),
+            "recall": float(rec[i]),
+            "f1": float(f1[i]),
+            "support": int(sup[i]),
+        }
+        for i, label in enumerate(labels)
+    }
+
+
 def classifier_metrics(
     y_true: Iterable[Any], prob_flawed: Iterable[float], threshold: float = 0.5
 ) -> dict[str, Any]:
@@ -387,15 +400,7 @@ def classifier_metrics(
         "accuracy": float((pred == y).mean()),
         "macro_f1": float(np.mean(f1)),
         "roc_auc": float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else None,
-        "per_class": {
-            label: {
-                "precision": float(prec[i]),
-                "recall": float(rec[i]),
-                "f1": float(f1[i]),
-                "support": int(sup[i]),
-            }
-            for i, label in enumerate(CLASSIFIER_LABELS)
-        },
+        "per_class": _per_class(CLASSIFIER_LABELS, prec, rec, f1, sup),
         "labels": list(CLASSIFIER_LABELS),
         "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
     }
@@ -499,15 +504,7 @@ def verdict_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, A
         "accuracy": float(np.mean([a == b for a, b in zip(yt, yp, strict=True)])),
         "macro_f1": float(np.mean(f1)),
         "weighted_f1": float((f1 * sup).sum() / total) if total else 0.0,
-        "per_class": {
-            label: {
-                "precision": float(prec[i]),
-                "recall": float(rec[i]),
-                "f1": float(f1[i]),
-                "support": int(sup[i]),
-            }
-            for i, label in enumerate(labels)
-        },
+        "per_class": _per_class(labels, prec, rec, f1, sup),
         "labels": labels,
         "confusion_matrix": confusion_matrix(yt, yp, labels=labels).tolist(),
     }

@@ -95,6 +95,15 @@ _GEMMA_COMMON = (
     ("<end_of_turn>", True),
 )
 
+# Phi-4-mini's rotary/activation/norm settings (the tiny model and benchmarks/train_throughput.py share them).
+PHI4_MINI_ARCH: dict[str, Any] = {
+    "original_max_position_embeddings": 4096,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.75},
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+
 _GEMMA_CONFIG: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -159,15 +168,7 @@ SPECS: dict[str, TinySpec] = {
                 "num_attention_heads": 2,
                 "num_key_value_heads": 1,
                 "max_position_embeddings": 4096,
-                "original_max_position_embeddings": 4096,
-                "rope_parameters": {
-                    "rope_type": "default",
-                    "rope_theta": 10_000.0,
-                    "partial_rotary_factor": 0.75,
-                },
-                "hidden_act": "silu",
-                "rms_norm_eps": 1e-5,
-                "tie_word_embeddings": True,
+                **PHI4_MINI_ARCH,
                 "eos": "<|endoftext|>",
             },
             generation={"eos": ["<|end|>", "<|endoftext|>"]},
@@ -479,27 +480,15 @@ def _build_model(sp: TinySpec, tok: Any) -> Any:
     cfg = dict(sp.config)
     eos = _ids(tok, cfg.pop("eos"))
     if sp.family == "gemma3":
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+        from transformers import Gemma3ForCausalLM as model_cls
+        from transformers import Gemma3TextConfig as config_cls
 
-        config = Gemma3TextConfig(
-            **{**_GEMMA_CONFIG, **cfg},
-            vocab_size=len(tok),
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=eos,
-        )
-        model_cls = Gemma3ForCausalLM
+        cfg = {**_GEMMA_CONFIG, **cfg}
     else:
-        from transformers import Phi3Config, Phi3ForCausalLM
-
-        config = Phi3Config(
-            **cfg,
-            vocab_size=len(tok),
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=eos,
-        )
-        model_cls = Phi3ForCausalLM
+        from transformers import Phi3Config as config_cls
+        from transformers import Phi3ForCausalLM as model_cls
+    ids = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": eos}
+    config = config_cls(**cfg, vocab_size=len(tok), **ids)
     # Each tiny model gets its own weights (the two Gemma ones share shapes).
     torch.manual_seed(SEED + int(hashlib.sha256(sp.name.encode()).hexdigest()[:6], 16))
     model = model_cls(config).to(torch.float32)
