@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,147 +196,179 @@ def _summary(metrics: dict[str, Any], timer: _Timer) -> dict[str, Any]:
     return out
 
 
-def build(ctx: Any) -> dict[str, Any]:
-    cfg = ctx.section
-    missing = [u for u in UPSTREAM if u not in ctx.upstream]
-    if missing:
-        raise ValueError(f"evaluate needs upstream artifacts {missing}")
-    device = resolve_device(ctx.runtime.device)
-    data_dir = ctx.upstream["prepare_data"].dir
-    out: Path = ctx.out
-    pred_dir, plot_dir = out / "predictions", out / "plots"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    timer = _Timer()
-    metrics: dict[str, Any] = {}
-    decoding: dict[str, Any] = {}
-    seed = cfg.seed
+@dataclass
+class _Splits:
+    fc: pd.DataFrame
+    ex: pd.DataFrame
+    cl_test: pd.DataFrame
+    cl_val: pd.DataFrame
+    ex_prompt: Any
+    lines: list[list[str]]
 
-    # ---- data --------------------------------------------------------------------------------
-    fc_df = subsample(read_split(data_dir, "function_calling", "test"), cfg.max_examples, seed)
-    ex_df = subsample(read_split(data_dir, "extractor", "test"), cfg.max_examples, seed)
-    cl_test = subsample(read_split(data_dir, "classifier", "test"), cfg.max_examples, seed)
-    cl_val = subsample(read_split(data_dir, "classifier", "validation"), cfg.max_examples, seed)
-    # The line → prompt renderer comes from the extractor's training rows (they are the most).
+    @property
+    def flat_lines(self) -> list[str]:
+        return [ln for ls in self.lines for ln in ls]
+
+
+def _splits(data_dir: Path, cfg: Any) -> _Splits:
+    """The test splits (subsampled to max_examples), the classifier's validation split, the solutions'
+    lines, and the line -> prompt renderer (from the extractor's training rows: they are the most)."""
+    n, seed = cfg.max_examples, cfg.seed
+    cl_test = subsample(read_split(data_dir, "classifier", "test"), n, seed)
     ex_prompt = ExtractorPrompt.from_rows(
         pd.concat([read_split(data_dir, "extractor", s) for s in ("train", "test")], ignore_index=True)
     )
-    lines = solution_lines(cl_test["solution"].tolist())
-    flat_lines = [ln for ls in lines for ln in ls]
+    return _Splits(
+        fc=subsample(read_split(data_dir, "function_calling", "test"), n, seed),
+        ex=subsample(read_split(data_dir, "extractor", "test"), n, seed),
+        cl_test=cl_test,
+        cl_val=subsample(read_split(data_dir, "classifier", "validation"), n, seed),
+        ex_prompt=ex_prompt,
+        lines=solution_lines(cl_test["solution"].tolist()),
+    )
 
-    # ---- function calling --------------------------------------------------------------------
+
+def _score_roles(gens: dict[str, Any], score: Any, pred_path: Path) -> dict[str, Any]:
+    """Score each role's generations (fine_tuned, base), write the prediction table, return the blocks."""
+    block: dict[str, Any] = {}
+    tables = []
+    for role, g in gens.items():
+        block[role], table = score([x.text for x in g])
+        tables.append(_with_generation_info(table, role, g))
+    pd.concat(tables, ignore_index=True).to_parquet(pred_path, index=False)
+    return block
+
+
+def _function_calling(
+    ctx: Any, sp: _Splits, device: str, timer: _Timer, decoding: dict, pred_dir: Path
+) -> dict:
+    cfg = ctx.section
     gens, decoding["function_calling"], _ = _generate_roles(
-        ctx.upstream["train_function_calling"],
-        fc_df["prompt"].tolist(),
-        cfg,
-        device,
-        ctx.store,
-        timer,
+        ctx.upstream["train_function_calling"], sp.fc["prompt"].tolist(), cfg, device, ctx.store, timer,
         "function_calling",
-    )
-    fc_block: dict[str, Any] = {}
-    tables = []
-    for role, g in gens.items():
-        fc_block[role], table = fc_evaluate(fc_df, [x.text for x in g], arabic=cfg.arabic_normalization)
-        tables.append(_with_generation_info(table, role, g))
-    if "base" in fc_block:
-        fc_block["delta"] = fc_delta_block(fc_block["fine_tuned"], fc_block["base"])
-    metrics["function_calling"] = fc_block
-    pd.concat(tables, ignore_index=True).to_parquet(pred_dir / "function_calling.parquet", index=False)
+    )  # fmt: skip
+    score = lambda texts: fc_evaluate(sp.fc, texts, arabic=cfg.arabic_normalization)  # noqa: E731
+    block = _score_roles(gens, score, pred_dir / "function_calling.parquet")
+    if "base" in block:
+        block["delta"] = fc_delta_block(block["fine_tuned"], block["base"])
+    return block
 
-    # ---- extractor (+ the verdict's lines, same loaded fine-tune) ----------------------------
+
+def _extractor(ctx: Any, sp: _Splits, device: str, timer: _Timer, decoding: dict, pred_dir: Path) -> tuple:
+    """The extractor's test block, and its generations on the verdict's solution lines (same loaded model)."""
+    cfg = ctx.section
     gens, decoding["extractor"], line_gens = _generate_roles(
-        ctx.upstream["train_extractor"],
-        ex_df["prompt"].tolist(),
-        cfg,
-        device,
-        ctx.store,
-        timer,
-        "extractor",
-        extra_prompts=[ex_prompt(ln) for ln in flat_lines],
-    )
-    ex_block: dict[str, Any] = {}
-    tables = []
-    for role, g in gens.items():
-        ex_block[role], table = extractor_evaluate(ex_df, [x.text for x in g], rel_tol=cfg.rel_tol)
-        tables.append(_with_generation_info(table, role, g))
-    if "base" in ex_block:
-        ex_block["delta"] = deltas(
-            ex_block["fine_tuned"]["overall"], ex_block["base"]["overall"], EXTRACTOR_DELTA_KEYS
+        ctx.upstream["train_extractor"], sp.ex["prompt"].tolist(), cfg, device, ctx.store, timer, "extractor",
+        extra_prompts=[sp.ex_prompt(ln) for ln in sp.flat_lines],
+    )  # fmt: skip
+    score = lambda texts: extractor_evaluate(sp.ex, texts, rel_tol=cfg.rel_tol)  # noqa: E731
+    block = _score_roles(gens, score, pred_dir / "extractor.parquet")
+    if "base" in block:
+        block["delta"] = deltas(
+            block["fine_tuned"]["overall"], block["base"]["overall"], EXTRACTOR_DELTA_KEYS
         )
-    metrics["extractor"] = ex_block
-    pd.concat(tables, ignore_index=True).to_parquet(pred_dir / "extractor.parquet", index=False)
+    return block, line_gens
 
-    # ---- classifier --------------------------------------------------------------------------
+
+def _classifier(
+    ctx: Any, sp: _Splits, device: str, timer: _Timer, pred_dir: Path
+) -> tuple[dict, list, float]:
+    """P(flawed) on validation and test; the threshold chosen on validation; (block, test probs, threshold)."""
+    cfg = ctx.section
     t0 = time.time()
     clf = load_classifier(ctx.upstream["train_classifier"].dir, device)
     timer.add("classifier.load", t0)
     t0 = time.time()
-    p_val = [float(p) for p in clf.predict_proba(cl_val[CLASSIFIER_TEXT].tolist())]
-    p_test = [float(p) for p in clf.predict_proba(cl_test[CLASSIFIER_TEXT].tolist())]
+    p_val = [float(p) for p in clf.predict_proba(sp.cl_val[CLASSIFIER_TEXT].tolist())]
+    p_test = [float(p) for p in clf.predict_proba(sp.cl_test[CLASSIFIER_TEXT].tolist())]
     timer.add("classifier.predict", t0)
     del clf
-    y_val, y_test = cl_val["label"].astype(int).tolist(), cl_test["label"].astype(int).tolist()
+    y_val, y_test = sp.cl_val["label"].astype(int).tolist(), sp.cl_test["label"].astype(int).tolist()
     if len(set(y_val)) == 2:
         threshold, source = choose_threshold(y_val, p_val, metric=cfg.threshold_metric), "validation"
     else:
         threshold, source = 0.5, "default (validation has one class)"
-    cl_block = classifier_metrics(y_test, p_test, threshold) if y_test else {"n": 0, "threshold": threshold}
-    cl_block.update(
+    block = classifier_metrics(y_test, p_test, threshold) if y_test else {"n": 0, "threshold": threshold}
+    block.update(
         threshold_metric=cfg.threshold_metric,
         threshold_source=source,
         validation=classifier_metrics(y_val, p_val, threshold) if y_val else None,
     )
-    metrics["classifier"] = {"fine_tuned": cl_block}
+    error_type = sp.cl_test.get("error_type", pd.Series([""] * len(sp.cl_test))).fillna("")
     pd.DataFrame(
-        {
-            "id": cl_test["id"],
-            "label": y_test,
-            "error_type": cl_test.get("error_type", pd.Series([""] * len(cl_test))).fillna(""),
-            "prob_flawed": p_test,
-            "pred": [int(p >= threshold) for p in p_test],
-        }
-    ).to_parquet(pred_dir / "classifier.parquet", index=False)
+        {"id": sp.cl_test["id"], "label": y_test, "error_type": error_type, "prob_flawed": p_test,
+         "pred": [int(p >= threshold) for p in p_test]}
+    ).to_parquet(pred_dir / "classifier.parquet", index=False)  # fmt: skip
+    return {"fine_tuned": block}, p_test, threshold
 
-    # ---- two-stage verdict -------------------------------------------------------------------
-    t0 = time.time()
+
+def _verdict(ctx: Any, sp: _Splits, line_gens: list, p_test: list, threshold: float, pred_dir: Path) -> dict:
+    """The two-stage verdict: the extractor's equation per solution line, then the classifier."""
     texts = [g.text for g in line_gens]
     line_outputs, k = [], 0
-    for ls in lines:
+    for ls in sp.lines:
         line_outputs.append(texts[k : k + len(ls)])
         k += len(ls)
     v_metrics, v_table = verdict_evaluate(
-        cl_test, lines, line_outputs, p_test, threshold, cfg.computational_error_types, cfg.rel_tol
+        sp.cl_test,
+        sp.lines,
+        line_outputs,
+        p_test,
+        threshold,
+        ctx.section.computational_error_types,
+        ctx.section.rel_tol,
     )
-    v_metrics["extractor_prompts"] = len(flat_lines)
-    metrics["verdict"] = v_metrics
+    v_metrics["extractor_prompts"] = len(sp.flat_lines)
     v_table.to_parquet(pred_dir / "verdict.parquet", index=False)
-    timer.add("verdict.score", t0)
+    return v_metrics
 
-    # ---- plots + report ----------------------------------------------------------------------
-    t0 = time.time()
-    written = _plots(metrics, ctx.upstream, plot_dir)
-    timer.add("plots", t0)
-    metrics["meta"] = {
+
+def _meta(ctx: Any, sp: _Splits, device: str, decoding: dict, timer: _Timer, plots: list[str]) -> dict:
+    return {
         "device": device,
         "decoding": decoding,
-        "max_examples": cfg.max_examples,
+        "max_examples": ctx.section.max_examples,
         "n_examples": {
-            "function_calling": len(fc_df),
-            "extractor": len(ex_df),
-            "classifier_test": len(cl_test),
-            "classifier_validation": len(cl_val),
-            "verdict_solutions": len(cl_test),
-            "verdict_lines": len(flat_lines),
+            "function_calling": len(sp.fc),
+            "extractor": len(sp.ex),
+            "classifier_test": len(sp.cl_test),
+            "classifier_validation": len(sp.cl_val),
+            "verdict_solutions": len(sp.cl_test),
+            "verdict_lines": len(sp.flat_lines),
         },
         "base_models": {
             t: base_model_name(ctx.upstream[t]) for t in ("train_function_calling", "train_extractor")
         },
         "seconds": timer.seconds,
-        "plots": [p.relative_to(out).as_posix() for p in written],
+        "plots": plots,
     }
+
+
+def build(ctx: Any) -> dict[str, Any]:
+    missing = [u for u in UPSTREAM if u not in ctx.upstream]
+    if missing:
+        raise ValueError(f"evaluate needs upstream artifacts {missing}")
+    device = resolve_device(ctx.runtime.device)
+    out: Path = ctx.out
+    pred_dir, plot_dir = out / "predictions", out / "plots"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    timer, decoding = _Timer(), {}
+    sp = _splits(ctx.upstream["prepare_data"].dir, ctx.section)
+    metrics: dict[str, Any] = {
+        "function_calling": _function_calling(ctx, sp, device, timer, decoding, pred_dir)
+    }
+    metrics["extractor"], line_gens = _extractor(ctx, sp, device, timer, decoding, pred_dir)
+    metrics["classifier"], p_test, threshold = _classifier(ctx, sp, device, timer, pred_dir)
+    t0 = time.time()
+    metrics["verdict"] = _verdict(ctx, sp, line_gens, p_test, threshold, pred_dir)
+    timer.add("verdict.score", t0)
+    t0 = time.time()
+    written = [p.relative_to(out).as_posix() for p in _plots(metrics, ctx.upstream, plot_dir)]
+    timer.add("plots", t0)
+    metrics["meta"] = _meta(ctx, sp, device, decoding, timer, written)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False, default=_json_default))
-    write_report(out / REPORT_FILE, metrics, [p.relative_to(out).as_posix() for p in written])
+    write_report(out / REPORT_FILE, metrics, written)
     return _summary(metrics, timer)
 
 
