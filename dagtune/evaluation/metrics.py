@@ -170,6 +170,11 @@ def _mean(values: Iterable[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _means(rows: list[dict[str, Any]], **fields: str) -> dict[str, float | None]:
+    """{name: mean of rows[field]} for each name=field."""
+    return {name: _mean(r[f] for r in rows) for name, f in fields.items()}
+
+
 def _aggregate_fc(scored: list[dict[str, Any]]) -> dict[str, Any]:
     pos = [s for s in scored if s["expected_call"]]
     neg = [s for s in scored if not s["expected_call"]]
@@ -180,15 +185,11 @@ def _aggregate_fc(scored: list[dict[str, Any]]) -> dict[str, Any]:
         "n_parse_fail": sum(not s["parse_ok"] for s in scored),
         "n_missed_call": sum(s["missed_call"] for s in pos),
         "n_false_call": sum(s["false_call"] for s in neg),
-        "parse_ok_rate": _mean(s["parse_ok"] for s in scored),
-        "tool_name_accuracy": _mean(s["name_correct"] for s in pos),
-        "exact_match": _mean(s["exact_match"] for s in scored),
-        "call_exact_match": _mean(s["exact_match"] for s in pos),
-        "arg_key_precision": _mean(s["arg_key_precision"] for s in pos),
-        "arg_key_recall": _mean(s["arg_key_recall"] for s in pos),
-        "arg_key_f1": _mean(s["arg_key_f1"] for s in pos),
-        "missed_call_rate": _mean(s["missed_call"] for s in pos),
-        "false_call_rate": _mean(s["false_call"] for s in neg),
+        **_means(scored, parse_ok_rate="parse_ok", exact_match="exact_match"),
+        **_means(pos, tool_name_accuracy="name_correct", call_exact_match="exact_match"),
+        **_means(pos, arg_key_precision="arg_key_precision", arg_key_recall="arg_key_recall"),
+        **_means(pos, arg_key_f1="arg_key_f1", missed_call_rate="missed_call"),
+        **_means(neg, false_call_rate="false_call"),
     }
 
 

@@ -102,82 +102,83 @@ def verdict_stage_lines(v: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, metrics: dict[str, Any], plot_paths: Sequence[str]) -> Path:
-    meta = metrics.get("meta", {})
+def _images(plot_paths: Sequence[str], alt: str, *suffixes: str) -> list[str]:
+    return [f"![{alt or Path(p).stem}]({p})" for p in plot_paths if p.endswith(suffixes)]
+
+
+def _header(meta: dict[str, Any]) -> list[str]:
     lines = ["# Evaluation report", ""]
     n = meta.get("n_examples", {})
     if n:
-        lines += [
-            "Test examples: "
-            + ", ".join(f"{k} {v}" for k, v in n.items())
-            + (f" (capped at {meta['max_examples']} per task)" if meta.get("max_examples") else ""),
-            "",
-        ]
+        cap = f" (capped at {meta['max_examples']} per task)" if meta.get("max_examples") else ""
+        lines += ["Test examples: " + ", ".join(f"{k} {v}" for k, v in n.items()) + cap, ""]
     if meta.get("base_models"):
         lines += ["Base models: " + ", ".join(f"{k}: `{v}`" for k, v in meta["base_models"].items()), ""]
+    return lines
 
+
+def _generative(metrics: dict[str, Any], plot_paths: Sequence[str]) -> list[str]:
     fc = metrics.get("function_calling", {})
-    lines += ["## Function calling", ""]
-    lines += _compare(fc, FC_COLUMNS, fc.get("delta"))
+    lines = ["## Function calling", "", *_compare(fc, FC_COLUMNS, fc.get("delta"))]
     for group in ("dialect", "domain"):
         lines += _groups(fc, group, ("tool_name_accuracy", "exact_match"))
-    for p in plot_paths:
-        if p.endswith(("fc_by_dialect.png", "fc_by_domain.png")):
-            lines += [f"![{Path(p).stem}]({p})", ""]
-
+    for p in _images(plot_paths, "", "fc_by_dialect.png", "fc_by_domain.png"):
+        lines += [p, ""]
     ex = metrics.get("extractor", {})
-    lines += ["## Equation extractor", ""]
-    lines += _compare(ex, EXTRACTOR_COLUMNS, ex.get("delta"))
-    lines += _groups(ex, "line_type", EXTRACTOR_COLUMNS)
+    lines += ["## Equation extractor", "", *_compare(ex, EXTRACTOR_COLUMNS, ex.get("delta"))]
+    return lines + _groups(ex, "line_type", EXTRACTOR_COLUMNS)
 
-    cl = metrics.get("classifier", {}).get("fine_tuned")
-    if cl and cl.get("n"):
-        lines += [
-            "## Classifier",
-            "",
-            f"Threshold {cl['threshold']:.4f} (maximizes {cl.get('threshold_metric')} on "
-            f"{cl.get('threshold_source')}), applied to test.",
-            "",
-        ]
-        lines += table(
+
+def _per_class_table(per_class: dict[str, Any]) -> list[str]:
+    rows = [[k, x["precision"], x["recall"], x["f1"], x["support"]] for k, x in per_class.items()]
+    return table(["class", "precision", "recall", "f1", "support"], rows)
+
+
+def _classifier(cl: dict[str, Any] | None, plot_paths: Sequence[str]) -> list[str]:
+    if not (cl and cl.get("n")):
+        return []
+    return [
+        "## Classifier",
+        "",
+        f"Threshold {cl['threshold']:.4f} (maximizes {cl.get('threshold_metric')} on "
+        f"{cl.get('threshold_source')}), applied to test.",
+        "",
+        *table(
             ["n", "accuracy", "macro_f1", "roc_auc"],
             [[cl["n"], cl["accuracy"], cl["macro_f1"], cl["roc_auc"]]],
-        )
-        lines += table(
-            ["class", "precision", "recall", "f1", "support"],
-            [[k, v["precision"], v["recall"], v["f1"], v["support"]] for k, v in cl["per_class"].items()],
-        )
-        lines += [
-            f"![classifier confusion]({p})" for p in plot_paths if p.endswith("classifier_confusion.png")
-        ]
-        lines += [""]
+        ),
+        *_per_class_table(cl["per_class"]),
+        *_images(plot_paths, "classifier confusion", "classifier_confusion.png"),
+        "",
+    ]
 
-    v = metrics.get("verdict", {})
-    lines += ["## Two-stage math verdict", ""]
-    if v.get("n"):
-        lines += [
-            f"{v['n']} solutions, {v.get('n_lines')} lines, {v.get('n_equations')} extracted equations. "
-            "Any false equation gives computational_error, else the classifier decides "
-            "(correct / conceptual_error).",
-            "",
-        ]
-        lines += table(
+
+def _verdict(v: dict[str, Any], plot_paths: Sequence[str]) -> list[str]:
+    lines = ["## Two-stage math verdict", ""]
+    if not v.get("n"):
+        return lines + ["No solutions to judge.", ""]
+    return lines + [
+        f"{v['n']} solutions, {v.get('n_lines')} lines, {v.get('n_equations')} extracted equations. "
+        "Any false equation gives computational_error, else the classifier decides "
+        "(correct / conceptual_error).",
+        "",
+        *table(
             ["n", "accuracy", "macro_f1", "weighted_f1"],
             [[v["n"], v["accuracy"], v["macro_f1"], v["weighted_f1"]]],
-        )
-        lines += table(
-            ["class", "precision", "recall", "f1", "support"],
-            [[k, x["precision"], x["recall"], x["f1"], x["support"]] for k, x in v["per_class"].items()],
-        )
-        lines += verdict_stage_lines(v)
-        lines += [f"![verdict confusion]({p})" for p in plot_paths if p.endswith("verdict_confusion.png")]
-        lines += [""]
-    else:
-        lines += ["No solutions to judge.", ""]
+        ),
+        *_per_class_table(v["per_class"]),
+        *verdict_stage_lines(v),
+        *_images(plot_paths, "verdict confusion", "verdict_confusion.png"),
+        "",
+    ]
 
-    lines += ["## Training loss", ""]
-    lines += [f"![training loss]({p})" for p in plot_paths if p.endswith("train_loss.png")]
-    lines += [""]
+
+def write_report(path: Path, metrics: dict[str, Any], plot_paths: Sequence[str]) -> Path:
+    meta = metrics.get("meta", {})
+    lines = _header(meta) + _generative(metrics, plot_paths)
+    lines += _classifier(metrics.get("classifier", {}).get("fine_tuned"), plot_paths)
+    lines += _verdict(metrics.get("verdict", {}), plot_paths)
+    lines += ["## Training loss", "", *_images(plot_paths, "training loss", "train_loss.png"), ""]
     if meta.get("seconds"):
         lines += ["## Timings (s)", ""]
         lines += table(["step", "seconds"], [[k, v] for k, v in meta["seconds"].items()])
