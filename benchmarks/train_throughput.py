@@ -646,6 +646,21 @@ def write(out_path: Path, doc: dict) -> None:
     tmp.replace(out_path)
 
 
+def _record(doc: dict, rec: dict, out_path: Path, t_start: float, tail: str) -> None:
+    """Add one case's result, rewrite the JSON (a cut-off run keeps its finished cases), print its line."""
+    if rec.get("status") != "ok":
+        rec.pop("step_times_s", None)
+    doc["results"].append(rec)
+    doc["wall_s"] = round(time.perf_counter() - t_start, 1)
+    write(out_path, doc)
+    print(
+        f"{rec['key']:40s} {rec['impl']:8s} {rec['status']:14s} tok/s={rec.get('tokens_per_s', '-')} "
+        f"step={rec.get('step_s_median', '-')}s peak={rec.get('peak_allocated_gib', '-')}/"
+        f"{rec.get('peak_reserved_gib', '-')}GiB {tail} {(rec.get('error') or '')[:200]}",
+        flush=True,
+    )
+
+
 def summary_table(results: list[dict]) -> str:
     lines = [
         f"{'case':40s} {'impl':8s} {'status':14s} {'tok/s':>9s} {'step s':>7s} {'peakGiB':>8s} "
@@ -920,17 +935,7 @@ def main() -> None:
             rec = {k: c[k] for k in ("key", "model", "impl", "ckpt", "four_bit", "batch", "seq")}
             rec.update(shared[idx])
             doc["models"][c["model"]] = built[c["model"]]
-            rec.pop("step_times_s", None) if rec.get("status") != "ok" else None
-            doc["results"].append(rec)
-            doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-            write(out_path, doc)
-            print(
-                f"{rec['key']:40s} {rec['impl']:8s} {rec['status']:14s} tok/s={rec.get('tokens_per_s', '-')} "
-                f"step={rec.get('step_s_median', '-')}s peak={rec.get('peak_allocated_gib', '-')}/"
-                f"{rec.get('peak_reserved_gib', '-')}GiB base={rec.get('baseline_allocated_gib', '-')} "
-                f"{(rec.get('error') or '')[:200]}",
-                flush=True,
-            )
+            _record(doc, rec, out_path, t_start, f"base={rec.get('baseline_allocated_gib', '-')}")
             continue
         rec = {k: c[k] for k in ("key", "model", "impl", "ckpt", "four_bit", "batch", "seq")}
         if "skip" in c:
@@ -962,17 +967,7 @@ def main() -> None:
                 c = dict(c, model_dir=str(mdir))
                 res = child(["--_child", json.dumps(c)], timeout=min(args.case_timeout_s, until_deadline()))
                 rec.update(res)
-        rec.pop("step_times_s", None) if rec.get("status") != "ok" else None
-        doc["results"].append(rec)
-        doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-        write(out_path, doc)
-        print(
-            f"{rec['key']:40s} {rec['impl']:8s} {rec['status']:14s} tok/s={rec.get('tokens_per_s', '-')} "
-            f"step={rec.get('step_s_median', '-')}s peak={rec.get('peak_allocated_gib', '-')}/"
-            f"{rec.get('peak_reserved_gib', '-')}GiB wall={rec.get('case_wall_s', '-')}s "
-            f"{(rec.get('error') or '')[:200]}",
-            flush=True,
-        )
+        _record(doc, rec, out_path, t_start, f"wall={rec.get('case_wall_s', '-')}s")
 
     if not args.keep_models and args.model_root is None:
         shutil.rmtree(root, ignore_errors=True)

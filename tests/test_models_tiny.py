@@ -307,33 +307,33 @@ def test_functiongemma_declaration_matches_reference_rendering(dirs):
     )
 
 
+def _system_user_assistant(tok, system: str, user: str, assistant: str) -> tuple[list[dict], str, str]:
+    """(conversation, the rendered prompt of system + user, the rendered whole conversation)."""
+    conv = [{"role": "system", "content": system}, {"role": "user", "content": user},
+            {"role": "assistant", "content": assistant}]  # fmt: skip
+    prompt = tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True)
+    return conv, prompt, tok.apply_chat_template(conv, tokenize=False)
+
+
 def test_gemma3_template_with_system(dirs):
     tok = _tok(dirs["tiny-gemma3"])
-    conv = [
-        {"role": "system", "content": "Extract the equation."},
-        {"role": "user", "content": "He had 3 boxes of 4 apples, 12 in all."},
-        {"role": "assistant", "content": "<eq>3*4=12</eq>"},
-    ]
-    prompt = tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True)
+    conv, prompt, full = _system_user_assistant(
+        tok, "Extract the equation.", "He had 3 boxes of 4 apples, 12 in all.", "<eq>3*4=12</eq>"
+    )
     assert prompt == (
         "<bos><start_of_turn>user\nExtract the equation.\n\nHe had 3 boxes of 4 apples, 12 in all.<end_of_turn>\n"
         "<start_of_turn>model\n"
     )
-    assert tok.apply_chat_template(conv, tokenize=False) == prompt + "<eq>3*4=12</eq><end_of_turn>\n"
+    assert full == prompt + "<eq>3*4=12</eq><end_of_turn>\n"
     with pytest.raises(Exception, match="alternate"):
         tok.apply_chat_template([conv[1], conv[1]], tokenize=False)
 
 
 def test_phi4_mini_template(dirs):
     tok = _tok(dirs["tiny-phi3"])
-    conv = [
-        {"role": "system", "content": "Is the solution correct?"},
-        {"role": "user", "content": "2+2=5"},
-        {"role": "assistant", "content": "wrong"},
-    ]
-    prompt = tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True)
+    conv, prompt, full = _system_user_assistant(tok, "Is the solution correct?", "2+2=5", "wrong")
     assert prompt == "<|system|>Is the solution correct?<|end|><|user|>2+2=5<|end|><|assistant|>"
-    assert tok.apply_chat_template(conv, tokenize=False) == prompt + "wrong<|end|><|endoftext|>"
+    assert full == prompt + "wrong<|end|><|endoftext|>"
     ids = tok.apply_chat_template(conv[:2], add_generation_prompt=True)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|system|>") and ids[-1] == tok.convert_tokens_to_ids(
         "<|assistant|>"
