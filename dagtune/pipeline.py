@@ -42,13 +42,10 @@ class Settings:
 @dataclass
 class NodeContext:
     name: str
-    key: str
     out: Path  # temp dir: everything written here becomes the artifact
     scratch: Path  # survives a killed attempt (checkpoints for resume); removed after commit
     section: BaseModel  # the node's own config section, nothing else
     runtime: RuntimeConfig
-    seed: int
-    inputs: dict[str, Any]
     upstream: dict[str, Artifact]
     store: ArtifactStore
     settings: Settings
@@ -250,13 +247,10 @@ def run_node(
         log.info("node %s: computing %s", name, key[:12])
         ctx = NodeContext(
             name=name,
-            key=key,
             out=out,
             scratch=scratch,
             section=getattr(cfg, name),
             runtime=cfg.runtime,
-            seed=cfg.project.seed,
-            inputs=inputs,
             upstream={u: upstream[u] for u in node.upstream},
             store=store,
             settings=settings_for(cfg, flow_run),

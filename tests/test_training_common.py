@@ -177,13 +177,10 @@ def make_ctx(tmp: Path, node: str, section, data: Artifact | None = None, runtim
     scratch.mkdir(parents=True, exist_ok=True)
     return NodeContext(
         name=node,
-        key="test",
         out=out,
         scratch=scratch,
         section=section,
         runtime=runtime or RuntimeConfig(device="cpu", backend="hf"),
-        seed=42,
-        inputs={},
         upstream={"prepare_data": data or prepared_data()},
         store=shared_store(),
         settings=None,  # type: ignore[arg-type]
