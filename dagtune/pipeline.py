@@ -75,7 +75,10 @@ class Node:
 # What each node's output depends on besides its inputs (see Node.code / Node.libraries). Packages,
 # not single files, where a package implements the node: files move inside packages.
 MODELS_CODE = ("dagtune/models/__init__.py",)  # tiny models are keyed by their own artifact key
-TRAIN_CODE = ("dagtune/training", *MODELS_CODE)
+# the training engine's shared pieces outside dagtune/training: hardware, the classifier model, packing, reading
+SHARED_TRAIN_CODE = ("dagtune/runtime.py", "dagtune/jsonl.py", "dagtune/models/classifier.py", "dagtune/data/packing.py",
+                     "dagtune/data/split.py")  # fmt: skip
+TRAIN_CODE = ("dagtune/training", *SHARED_TRAIN_CODE, *MODELS_CODE)
 TRAIN_LIBS = ("torch", "transformers", "peft", "trl", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
 NODES: dict[str, Node] = {
     n.name: n
@@ -126,7 +129,7 @@ NODES: dict[str, Node] = {
             "dagtune.evaluation.node:build",
             needs_training_slot=True,
             # evaluate loads the classifier through dagtune.training.classifier
-            code=("dagtune/evaluation", "dagtune/formats.py", *TRAIN_CODE),
+            code=("dagtune/evaluation", "dagtune/formats.py", "dagtune/data/report.py", *TRAIN_CODE),
             libraries=("torch", "transformers", "peft"),
         ),
         Node(
@@ -154,7 +157,13 @@ NODES: dict[str, Node] = {
             "dagtune.registry.node:key_inputs",
             # the gate re-scores the champion with evaluate's functions: it may load a model
             needs_training_slot=True,
-            code=("dagtune/registry", "dagtune/evaluation", *MODELS_CODE),
+            code=(
+                "dagtune/registry",
+                "dagtune/evaluation",
+                "dagtune/jsonl.py",
+                *SHARED_TRAIN_CODE,
+                *MODELS_CODE,
+            ),
             libraries=("mlflow",),
         ),
     ]

@@ -112,6 +112,12 @@ class ArtifactStore:
             return Artifact(node, key, str(d))
         return None
 
+    def list_keys(self, node: str) -> list[str]:
+        d = self.root / node
+        if not d.is_dir():
+            return []
+        return sorted(p.name for p in d.iterdir() if (p / MANIFEST).is_file())
+
     # -- writing ------------------------------------------------------------------------------
     @contextmanager
     def lock(self, node: str, key: str, timeout: float = -1) -> Iterator[None]:
