@@ -45,9 +45,26 @@ class StandinClassifier:
         return [0.9 if any(m in t for m in self.markers) else 0.1 for t in texts]
 
 
-def load_standin_classifier(artifact_dir: str) -> StandinClassifier:
+def solutions(*texts: str) -> Any:
+    """The classifier pyfunc's input: one problem per solution."""
+    import pandas as pd
+
+    return pd.DataFrame({"problem": ["How many apples?"] * len(texts), "solution": list(texts)})
+
+
+class StandinTokenizer:
+    """Renders a chat as its last message's text (the real loader returns the model's tokenizer)."""
+
+    bos_token = None
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **_: Any) -> str:
+        return messages[-1]["content"]
+
+
+def load_standin_classifier(artifact_dir: str) -> tuple[StandinClassifier, StandinTokenizer]:
+    """The real loader's shape: (model, tokenizer)."""
     cfg = json.loads((Path(artifact_dir) / "classifier_config.json").read_text())
-    return StandinClassifier(cfg["markers"])
+    return StandinClassifier(cfg["markers"]), StandinTokenizer()
 
 
 class StandinMatrixClassifier(StandinClassifier):
@@ -57,9 +74,9 @@ class StandinMatrixClassifier(StandinClassifier):
         return [[1 - p, p] for p in super().predict_proba(texts)]
 
 
-def load_standin_classifier_tuple(artifact_dir: str) -> tuple[StandinMatrixClassifier, None]:
-    """The real loader's shape: (model, tokenizer)."""
-    return StandinMatrixClassifier(load_standin_classifier(artifact_dir).markers), None
+def load_standin_classifier_tuple(artifact_dir: str) -> tuple[StandinMatrixClassifier, StandinTokenizer]:
+    """The real loader's shapes: (model, tokenizer), predict_proba a (texts, 2) matrix."""
+    return StandinMatrixClassifier(load_standin_classifier(artifact_dir)[0].markers), StandinTokenizer()
 
 
 def write_standin_classifier(out: Path, markers: tuple[str, ...] = ("wrong",), salt: str = "") -> None:

@@ -14,6 +14,7 @@ from registry_helpers import (
     fc_metrics,
     free_port,
     migrated_db,
+    solutions,
     write_config,
 )
 
@@ -178,7 +179,7 @@ def test_register_idempotent_alias_gate_promote_rollback_and_predict(cfg, capsys
     llama = __import__("sys").modules["llama_cpp"]
     assert all(c[2]["temperature"] == 0.0 and c[2]["top_k"] == 1 for c in llama.calls if c[0] != "init")
     clf = mlflow.pyfunc.load_model("models:/clf@champion")
-    pred = clf.predict(["all good", "this is wrong"])
+    pred = clf.predict(solutions("all good", "this is wrong"))
     assert list(pred["label"]) == ["correct", "flawed"] and list(pred["probability"]) == [0.1, 0.9]
 
     # new bytes + a dialect that drops too much: v2 is challenger, champion stays v1
@@ -265,6 +266,6 @@ def test_classifier_pyfunc_accepts_the_real_loader_shapes(tmp_path):
     m = ClassifierModel()
     cfg = {"loader": "registry_helpers:load_standin_classifier_tuple", "threshold": 0.5}
     m.load_context(SimpleNamespace(model_config=cfg, artifacts={"classifier": str(tmp_path / "clf")}))
-    out = m.predict(None, ["ok", "wrong"])
+    out = m.predict(None, solutions("ok", "wrong"))
     assert list(out["label"]) == ["correct", "flawed"] and list(out["probability"]) == [0.1, 0.9]
     assert label_probabilities([[0.2, 0.5, 0.3]], 0.5) == ([0.5], [1])

@@ -9,7 +9,14 @@ import sys
 
 import mlflow
 import pytest
-from registry_helpers import MlflowServer, build_artifacts, fake_llama_cpp, migrated_db, write_config
+from registry_helpers import (
+    MlflowServer,
+    build_artifacts,
+    fake_llama_cpp,
+    migrated_db,
+    solutions,
+    write_config,
+)
 
 from dagtune.config import load_config
 from dagtune.registry import registry as reg
@@ -57,7 +64,7 @@ def test_server_register_alias_promote_rollback_predict_and_outage(cfg, server, 
     # artifacts went through the server (proxied), and load back by alias
     assert tr.client.get_run(first["parent_run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")
     assert mlflow.pyfunc.load_model("models:/fc@champion").predict(["w1"]) == ["GGUFa:w1"]
-    pred = mlflow.pyfunc.load_model("models:/clf@champion").predict(["fine", "wrong step"])
+    pred = mlflow.pyfunc.load_model("models:/clf@champion").predict(solutions("fine", "wrong step"))
     assert list(pred["label"]) == ["correct", "flawed"]
 
     # second pipeline run: nothing new

@@ -41,6 +41,30 @@ class Unrenderable(Exception):
     """A row the template cannot render faithfully (reported as a bad row, not a crash)."""
 
 
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list | None = None) -> str:
+    """The generation prompt for ``messages`` (and ``tools``): what training rendered before the answer,
+    and what a registered model renders at inference."""
+    kw: dict[str, Any] = {"tokenize": False}
+    if tools is not None:
+        kw["tools"] = tools
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kw)
+
+
+def function_calling_messages(developer_prompt: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The developer turn training put first (FunctionGemma's activation line), unless the chat has one."""
+    if messages and messages[0].get("role") in ("developer", "system"):
+        return list(messages)
+    return [{"role": "developer", "content": developer_prompt}, *messages]
+
+
+def extractor_messages(line: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": EXTRACTOR_INSTRUCTION + line}]
+
+
+def classifier_messages(question: str, solution: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": CLASSIFIER_PROMPT.format(question=question, solution=solution)}]
+
+
 def render_conversation(
     tokenizer: Any, messages: list[dict[str, Any]], target: dict[str, Any], tools: list | None = None
 ) -> tuple[str, str, str]:
@@ -48,7 +72,7 @@ def render_conversation(
     kw: dict[str, Any] = {"tokenize": False}
     if tools is not None:
         kw["tools"] = tools
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kw)
+    prompt = render_prompt(tokenizer, messages, tools)
     text = tokenizer.apply_chat_template([*messages, target], add_generation_prompt=False, **kw)
     if not text.startswith(prompt):
         # A template that renders history differently once an answer follows would make training and
@@ -66,7 +90,7 @@ def render_function_calling(
     """FunctionGemma: developer turn with the tool declarations, user request, then either one tool call
     (the template writes <start_function_call>call:NAME{...}<end_function_call><start_function_response>)
     or the fixed no-tool reply."""
-    messages = [{"role": "developer", "content": developer_prompt}, {"role": "user", "content": ex["user"]}]
+    messages = function_calling_messages(developer_prompt, [{"role": "user", "content": ex["user"]}])
     if ex["has_call"]:
         call = {"name": ex["target_name"], "arguments": ex["target_arguments"]}
         target = {"role": "assistant", "tool_calls": [{"type": "function", "function": call}]}
@@ -97,14 +121,14 @@ def _rendered(conversation: tuple[str, str, str], ex: dict[str, Any], carried: t
 
 def render_extractor(tokenizer: Any, ex: dict[str, Any]) -> dict:
     """Gemma-3: fixed instruction + the line in the user turn; target <eq>lhs=rhs</eq> or <eq></eq>."""
-    messages = [{"role": "user", "content": EXTRACTOR_INSTRUCTION + ex["line"]}]
+    messages = extractor_messages(ex["line"])
     target = {"role": "assistant", "content": format_eq(ex["eqn"])}
     return _rendered(render_conversation(tokenizer, messages, target), ex, ("line", "eqn", "type"))
 
 
 def render_classifier(tokenizer: Any, ex: dict[str, Any]) -> dict:
     """Phi: a tutor prompt with problem and solution; the label is a column, not generated text."""
-    messages = [{"role": "user", "content": CLASSIFIER_PROMPT.format(**ex)}]
+    messages = classifier_messages(ex["question"], ex["solution"])
     target = {"role": "assistant", "content": CLASSIFIER_VERDICTS[ex["label"]]}
     row = _rendered(
         render_conversation(tokenizer, messages, target), ex, ("question", "solution", "error_type")

@@ -43,16 +43,24 @@ class Generation:
     text: str  # new tokens up to (not including) the first stop token
     finished: bool  # a stop token was generated (False: cut by max_new_tokens)
     new_tokens: int  # tokens generated before the stop token
+    stop_id: int | None = None  # the stop token generated (None: cut by max_new_tokens)
 
 
 class Generator:
     """A loaded causal LM + tokenizer that generates with the project's fixed decoding."""
 
     def __init__(
-        self, model_path: str, *, adapter_path: str | None = None, device: str = "auto", dtype: Any = None
+        self,
+        model_path: str,
+        *,
+        adapter_path: str | None = None,
+        device: str = "auto",
+        dtype: Any = None,
+        extra_stop_tokens: tuple[str, ...] = (),
     ) -> None:
         """``model_path``: a full causal LM (a merged fine-tune or a base). ``adapter_path``: a PEFT
-        adapter merged into ``model_path`` on load (for fine-tunes saved without ``merged/``)."""
+        adapter merged into ``model_path`` on load (for fine-tunes saved without ``merged/``).
+        ``extra_stop_tokens``: more stop tokens (in the vocabulary) for callers other than evaluate."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,15 +87,15 @@ class Generator:
             model = PeftModel.from_pretrained(model, self.adapter_path).merge_and_unload()
         self.model = model if self.device == "cuda" else model.to(self.device)
         self.model.eval()
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = self._stop_ids(extra_stop_tokens)
 
-    def _stop_ids(self) -> list[int]:
+    def _stop_ids(self, extra: tuple[str, ...] = ()) -> list[int]:
         ids: list[int] = []
         cfg_eos = getattr(self.model.generation_config, "eos_token_id", None)
         if cfg_eos is not None:
             ids.extend([cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos))
         vocab = self.tokenizer.get_vocab()
-        for tok in (*STOP_TOKENS, self.tokenizer.eos_token):
+        for tok in (*STOP_TOKENS, *extra, self.tokenizer.eos_token):
             if tok and tok in vocab:
                 ids.append(vocab[tok])
         return sorted(set(ids))
@@ -144,6 +152,7 @@ class Generator:
                     text=tok.decode(kept, skip_special_tokens=False),
                     finished=cut is not None,
                     new_tokens=len(kept),
+                    stop_id=None if cut is None else ids[cut],
                 )
         return [g for g in out if g is not None]
 

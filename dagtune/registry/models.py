@@ -108,18 +108,6 @@ def generation_inputs(model_input: Any) -> list[str | list[dict[str, Any]]]:
     return out
 
 
-def texts_of(model_input: Any) -> list[str]:
-    """Classifier input: str, list of str, or a DataFrame with a ``text`` column (first otherwise)."""
-    import pandas as pd
-
-    if isinstance(model_input, pd.DataFrame):
-        col = _column(model_input, ("text", "solution", "prompt"))
-        return [str(t) for t in (col if col is not None else model_input.iloc[:, 0])]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(t) for t in model_input]
-
-
 # ----------------------------------------------------------------------------------------------
 # pyfunc models
 # ----------------------------------------------------------------------------------------------
@@ -155,22 +143,163 @@ class GGUFModel(PythonModel):
         return [self._generate(it, max_tokens) for it in generation_inputs(model_input)]
 
 
+# ----------------------------------------------------------------------------------------------
+# task models: the registered function caller and extractor (transformers, evaluate's decoding)
+# ----------------------------------------------------------------------------------------------
+FUNCTION_CALLING, EXTRACTOR = "function_calling", "extractor"
+
+
+def _json_value(value: Any, what: str, row: int) -> Any:
+    """A cell that is a JSON string or an already-decoded value (numpy arrays -> lists)."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"row {row}: {what} is not valid JSON: {e}") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_json_value(v, what, row) if hasattr(v, "tolist") else v for v in value]
+    return value
+
+
+def records_of(model_input: Any) -> list[dict[str, Any]]:
+    """Rows as dicts from a DataFrame, a dict (one row) or a list of dicts."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        return model_input.to_dict("records")
+    if isinstance(model_input, Mapping):
+        return [dict(model_input)]
+    return [dict(r) for r in model_input]
+
+
+def fc_chat(rec: Mapping[str, Any], row: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(messages, tools) of one function-calling request; tools normalised the way prepare_data did."""
+    from dagtune.data.tools import RowProblem, normalize_tool
+
+    messages = _json_value(rec.get("messages"), "messages", row)
+    if not _is_chat(messages):
+        raise ValueError(f"row {row}: messages must be a non-empty list of {{role, content}} objects")
+    tools = rec.get("tools")
+    tools = None if tools is None else _json_value(tools, "tools", row)
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"row {row}: tools must be a list of tool schemas, got {type(tools).__name__}")
+    try:
+        tools = None if tools is None else [normalize_tool(t) for t in tools]
+    except RowProblem as e:
+        raise ValueError(f"row {row}: tools: {e}") from None
+    return [{k: v for k, v in m.items() if v is not None} for m in messages], tools
+
+
+class TaskModel(PythonModel):
+    """The fine-tuned function caller or extractor: renders the request with the training chat
+    template (dagtune.data.render), generates with the evaluate node's Generator (greedy, the
+    prompt's own single ``<bos>``, add_special_tokens=False) and parses with evaluate's parsers.
+
+    function_calling: input ``messages`` (+ optional ``tools``, OpenAI-style); a chat without a
+    developer/system turn gets the one training put first. Stops at ``<end_function_call>`` (kept in
+    ``text``, so the call parses) or ``<end_of_turn>``/EOS. Output ``calls`` (``[{name, arguments}]``,
+    ``[]`` for no call, None for malformed markup), ``parse_ok``, ``text``.
+    extractor: input ``line``; output ``equation`` (``lhs=rhs``, ``""`` for none or unparseable) and
+    ``text``."""
+
+    def load_context(self, context: Any) -> None:
+        from dagtune.evaluation.generate import Generator
+        from dagtune.formats import END_CALL
+
+        cfg = dict(context.model_config or {})
+        self.task = cfg["task"]
+        self.developer_prompt = str(cfg.get("developer_prompt") or "")
+        self.batch_size = int(cfg.get("batch_size", 8))
+        self.max_new_tokens = int(cfg.get("max_new_tokens", 128))
+        extra = (END_CALL,) if self.task == FUNCTION_CALLING else ()
+        self.generator = Generator(
+            context.artifacts["model"], device=cfg.get("device", "auto"), extra_stop_tokens=extra
+        )
+        self.tokenizer = self.generator.tokenizer
+        self.kept_stops = set(self.tokenizer.convert_tokens_to_ids(list(extra)))
+
+    def prompt(self, rec: Mapping[str, Any], row: int) -> str:
+        from dagtune.data import render
+
+        if self.task == FUNCTION_CALLING:
+            messages, tools = fc_chat(rec, row)
+            chat = render.function_calling_messages(self.developer_prompt, messages)
+            text = render.render_prompt(self.tokenizer, chat, tools)
+        else:
+            line = rec.get("line")
+            if not isinstance(line, str):
+                raise ValueError(f"row {row}: line must be a string, got {type(line).__name__}")
+            text = render.render_prompt(self.tokenizer, render.extractor_messages(line))
+        return with_one_bos(text, self.tokenizer.bos_token)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> Any:
+        import pandas as pd
+
+        params = params or {}
+        prompts = [self.prompt(r, i) for i, r in enumerate(records_of(model_input))]
+        gens = self.generator.generate(
+            prompts,
+            int(params.get("batch_size") or self.batch_size),
+            int(params.get("max_new_tokens") or self.max_new_tokens),
+        )
+        texts = [g.text + self._kept(g.stop_id) for g in gens]
+        return pd.DataFrame(task_outputs(self.task, texts))
+
+    def _kept(self, stop_id: int | None) -> str:
+        return self.tokenizer.convert_ids_to_tokens(stop_id) if stop_id in self.kept_stops else ""
+
+
+def with_one_bos(prompt: str, bos: str | None) -> str:
+    """The prompt is tokenized with add_special_tokens=False: the template's own ``<bos>`` is the
+    only one; a template that writes none gets one here."""
+    return prompt if not bos or prompt.startswith(bos) else bos + prompt
+
+
+def task_outputs(task: str, texts: list[str]) -> dict[str, list[Any]]:
+    """Generated texts -> output columns, with the parsers the evaluate node scores with."""
+    from dagtune.formats import parse_eq, parse_function_calls
+
+    if task == FUNCTION_CALLING:
+        calls = [parse_function_calls(t) for t in texts]
+        return {"calls": calls, "parse_ok": [c is not None for c in calls], "text": texts}
+    return {"equation": [parse_eq(t) or "" for t in texts], "text": texts}
+
+
 class ClassifierModel(PythonModel):
-    """Probability that a solution is flawed, and the label at the configured threshold."""
+    """Input ``problem`` + ``solution``, rendered with the classifier's chat template as training
+    rendered them (dagtune.data.render); output ``probability`` (that the solution is flawed, label 1)
+    and ``label`` at the threshold evaluate chose on validation."""
 
     def load_context(self, context: Any) -> None:
         cfg = dict(context.model_config or {})
         loader = import_string(cfg.get("loader") or DEFAULT_CLASSIFIER_LOADER)
         loaded = loader(context.artifacts["classifier"])
         # dagtune.training.classifier.load_classifier returns (model, tokenizer)
-        self.classifier = loaded[0] if isinstance(loaded, tuple) else loaded
+        if not isinstance(loaded, tuple) or len(loaded) != 2 or loaded[1] is None:
+            raise TypeError(f"classifier loader {cfg.get('loader')!r} must return (model, tokenizer)")
+        self.classifier, self.tokenizer = loaded
         self.threshold = float(cfg.get("threshold", 0.5))
         self.labels = list(cfg.get("labels") or DEFAULT_LABELS)
+
+    def prompts(self, model_input: Any) -> list[str]:
+        from dagtune.data import render
+
+        out = []
+        for i, rec in enumerate(records_of(model_input)):
+            problem, solution = rec.get("problem"), rec.get("solution")
+            if not isinstance(problem, str) or not isinstance(solution, str):
+                raise ValueError(f"row {i}: problem and solution must be strings")
+            out.append(render.render_prompt(self.tokenizer, render.classifier_messages(problem, solution)))
+        return out
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> Any:
         import pandas as pd
 
-        texts = texts_of(model_input)
+        texts = self.prompts(model_input)
         threshold = float((params or {}).get("threshold", self.threshold))
         if not texts:
             return pd.DataFrame({"probability": [], "label": []})
@@ -228,6 +357,103 @@ def log_gguf_model(
         )
 
 
+# ----------------------------------------------------------------------------------------------
+# signatures and input examples (the README's "Using a registered model" shows the same calls)
+# ----------------------------------------------------------------------------------------------
+EXAMPLE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "description": "Set an alarm on the phone.",
+        "parameters": {
+            "type": "object",
+            "properties": {"time": {"type": "string", "description": "HH:MM, 24-hour clock"}},
+            "required": ["time"],
+        },
+    },
+}
+INPUT_EXAMPLES: dict[str, dict[str, list[Any]]] = {
+    FUNCTION_CALLING: {
+        "messages": [[{"role": "user", "content": "اضبط منبه الساعة 7:30 الصبح"}]],
+        "tools": [[EXAMPLE_TOOL]],
+    },
+    EXTRACTOR: {"line": ["So she has 12 - 5 = 7 apples left."]},
+    "classifier": {
+        "problem": ["Tom has 3 bags of 4 apples. How many apples?"],
+        "solution": ["3 * 4 = 12. Tom has 12 apples."],
+    },
+}
+
+
+def signature(task: str, *, max_new_tokens: int = 128, batch_size: int = 8, threshold: float = 0.5) -> Any:
+    """Column specs of each registered model's input and output, and its predict params."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import AnyType, Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    if task == "classifier":
+        inputs = Schema([ColSpec("string", "problem"), ColSpec("string", "solution")])
+        outputs = Schema([ColSpec("double", "probability"), ColSpec("string", "label")])
+        return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("threshold", "double", threshold)]))
+    params = ParamSchema(
+        [ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("batch_size", "long", batch_size)]
+    )
+    if task == FUNCTION_CALLING:
+        message = Object([Property("role", "string"), Property("content", "string")])
+        # tools are JSON schemas of any shape, calls' arguments too: "any", not a fixed object
+        inputs = Schema([ColSpec(Array(message), "messages"), ColSpec(AnyType(), "tools", required=False)])
+        outputs = Schema(
+            [ColSpec(AnyType(), "calls"), ColSpec("boolean", "parse_ok"), ColSpec("string", "text")]
+        )
+        return ModelSignature(inputs, outputs, params)
+    if task == EXTRACTOR:
+        inputs = Schema([ColSpec("string", "line")])
+        outputs = Schema([ColSpec("string", "equation"), ColSpec("string", "text")])
+        return ModelSignature(inputs, outputs, params)
+    raise ValueError(f"no signature for task {task!r}")
+
+
+def input_example(task: str) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(INPUT_EXAMPLES[task])
+
+
+def log_task_model(
+    run_id: str,
+    task: str,
+    model_dir: str | Path,
+    *,
+    developer_prompt: str = "",
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    name: str = "model",
+    metadata: Mapping[str, Any] | None = None,
+) -> Any:
+    """Log the function caller or extractor (a merged HF checkpoint with its tokenizer) as pyfunc."""
+    if task not in (FUNCTION_CALLING, EXTRACTOR):
+        raise ValueError(f"task must be {FUNCTION_CALLING} or {EXTRACTOR}, got {task!r}")
+    config = {
+        "task": task,
+        "developer_prompt": developer_prompt,
+        "max_new_tokens": int(max_new_tokens),
+        "batch_size": int(batch_size),
+        "device": "auto",
+    }
+    with active_run(run_id):
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(CODE_DIR / "task_model.py"),
+            artifacts={"model": str(model_dir)},
+            model_config=config,
+            signature=signature(task, max_new_tokens=max_new_tokens, batch_size=batch_size),
+            # not run at logging time (that would load the model): the example is stored, and the
+            # signature above is given, so MLflow does not infer one from a prediction
+            input_example=input_example(task),
+            pip_requirements=pip_requirements("torch", "transformers", "pandas"),
+            metadata=dict(metadata or {}),
+        )
+
+
 def log_classifier_model(
     run_id: str,
     artifact_dir: str | Path,
@@ -245,6 +471,8 @@ def log_classifier_model(
             python_model=str(CODE_DIR / "classifier_model.py"),
             artifacts={"classifier": str(artifact_dir)},
             model_config={"loader": loader, "threshold": float(threshold), "labels": list(labels)},
+            signature=signature("classifier", threshold=float(threshold)),
+            input_example=input_example("classifier"),
             pip_requirements=pip_requirements("torch", "transformers", "peft", "safetensors", "pandas"),
             metadata=dict(metadata or {}),
         )

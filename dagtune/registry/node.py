@@ -127,7 +127,12 @@ def _components(model: str, cfg: Any, arts: Mapping[str, Artifact]) -> dict[str,
 
 
 def _log_version_model(
-    model: str, cfg: Any, run_id: str, parts: Mapping[str, Mapping[str, Any]], meta: dict[str, Any]
+    model: str,
+    cfg: Any,
+    run_id: str,
+    parts: Mapping[str, Mapping[str, Any]],
+    meta: dict[str, Any],
+    arts: Mapping[str, Artifact],
 ) -> tuple[Any, dict[str, str]]:
     """Log what the version serves; returns (ModelInfo of the registered model, extra tags)."""
     extra: dict[str, str] = {}
@@ -140,25 +145,50 @@ def _log_version_model(
             threshold=threshold,
             metadata={"digest": meta["digest"]},
         )
-        return info, extra
+        return info, {**extra, "dagtune.serving": "classifier"}
     gguf_role = next((r for r in parts if r.startswith("gguf_")), None)
     merged = parts.get("merged")
-    if merged is not None and (cfg.register.log_merged_model or gguf_role is None):
+    if merged is not None and cfg.register.log_merged_model:
         merged_info = mdl.log_merged_model(run_id, merged["path"], metadata={"digest": meta["digest"]})
         extra["dagtune.merged_model_uri"] = merged_info.model_uri
-        if gguf_role is None:  # no GGUF for this model: the merged model is what the version serves
-            return merged_info, extra
-    if gguf_role is None:
+    if gguf_role is None and merged is None:
         raise reg.RegistryError(f"{model}: neither a GGUF file nor a merged model to register")
-    extras = {"adapter": parts["adapter"]["path"]} if "adapter" in parts else {}
-    info = mdl.log_gguf_model(
-        run_id,
-        parts[gguf_role]["path"],
-        extra_artifacts=extras,
-        max_tokens=cfg.register.gguf_max_tokens,
-        metadata={"digest": meta["digest"]},
+    gguf_info = None
+    if gguf_role is not None:
+        extras = {"adapter": parts["adapter"]["path"]} if "adapter" in parts else {}
+        gguf_info = mdl.log_gguf_model(
+            run_id,
+            parts[gguf_role]["path"],
+            name="gguf" if merged is not None else "model",
+            extra_artifacts=extras,
+            max_tokens=cfg.register.gguf_max_tokens,
+            metadata={"digest": meta["digest"]},
+        )
+    if merged is None:  # no HF checkpoint: the GGUF (llama.cpp, prompt in, text out) is what it serves
+        extra["dagtune.serving"] = "gguf"
+        return gguf_info, extra
+    if gguf_info is not None:
+        extra["dagtune.gguf_model_uri"] = gguf_info.model_uri
+    # the merged checkpoint behind the task signature: messages+tools -> calls, line -> equation
+    info = mdl.log_task_model(
+        run_id, model, merged["path"], metadata={"digest": meta["digest"]}, **task_settings(model, arts)
     )
+    extra["dagtune.serving"] = "task"
     return info, extra
+
+
+def task_settings(model: str, arts: Mapping[str, Artifact]) -> dict[str, Any]:
+    """What the task model needs from the run that built it: the developer turn prepare_data rendered
+    and evaluate's generation length and batch size (the same batches give the same greedy output)."""
+    out: dict[str, Any] = {}
+    data, evaluate = arts.get("prepare_data"), arts.get("evaluate")
+    if model == "function_calling" and data is not None:
+        section = data.manifest()["inputs"].get("config", {}).get(model, {})
+        out["developer_prompt"] = section.get("developer_prompt", "")
+    if evaluate is not None:
+        section = evaluate.manifest()["inputs"].get("config", {})
+        out.update({k: section[k] for k in ("max_new_tokens", "batch_size") if k in section})
+    return out
 
 
 def register_model(
@@ -178,7 +208,9 @@ def register_model(
         train = arts[TRAIN_NODE[model]]
         tm = train.manifest()
         run_id = node_runs[train.node]
-        info, extra = _log_version_model(model, cfg, run_id, parts, {"digest": digest, "eval": eval_metrics})
+        info, extra = _log_version_model(
+            model, cfg, run_id, parts, {"digest": digest, "eval": eval_metrics}, arts
+        )
         if eval_metrics is not None:
             reg.log_eval_metrics(tracker, run_id, model, eval_metrics)
         data = arts.get("prepare_data")
