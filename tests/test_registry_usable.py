@@ -168,3 +168,39 @@ def test_classifier_predicts_what_evaluate_predicted(built):
     diffs = [abs(a - b) for a, b in zip(out["probability"], evaluated["prob_flawed"], strict=True)]
     assert max(diffs) <= 1e-5, diffs
     assert list(out["label"]) == ["flawed" if p else "correct" for p in evaluated["pred"]]
+
+
+def test_function_caller_stops_at_end_function_call_and_keeps_it(built):
+    """The stop set holds <end_function_call>, <end_of_turn> and EOS; a generation that stops on a
+    kept stop token has it at the end of ``text``, so the call parses. (Two training steps never
+    emit a call: the stop mechanics are shown with the model's own first greedy token as the stop.)"""
+    from dagtune.evaluation.generate import Generator
+    from dagtune.formats import END_OF_TURN
+    from dagtune.registry.models import task_outputs
+
+    cfg, arts, registered = built
+    inner = _load(registered, "function_calling").unwrap_python_model()
+    vocab = inner.tokenizer.get_vocab()
+    assert {vocab[END_CALL], vocab[END_OF_TURN], inner.tokenizer.eos_token_id} <= set(
+        inner.generator.stop_ids
+    )
+    assert inner.kept_stops == {vocab[END_CALL]}
+    assert (inner._kept(vocab[END_CALL]), inner._kept(vocab[END_OF_TURN]), inner._kept(None)) == (
+        END_CALL,
+        "",
+        "",
+    )
+
+    prompt = _test_rows(cfg, arts, "function_calling")["prompt"][0]
+    merged = str(arts["train_function_calling"].dir / "merged")
+    free = Generator(merged, device="cpu").generate([prompt], 1, 4)[0]
+    first = inner.tokenizer(free.text, add_special_tokens=False)["input_ids"][0]
+    stopped = Generator(
+        merged, device="cpu", extra_stop_tokens=(inner.tokenizer.convert_ids_to_tokens(first),)
+    ).generate([prompt], 1, 4)[0]
+    assert (stopped.text, stopped.finished, stopped.stop_id) == ("", True, first)
+
+    call = "<start_function_call>call:set_alarm{time:<escape>07:30<escape>}<end_function_call>"
+    out = task_outputs("function_calling", [call, "لا", "<start_function_call>call:set_alarm{"])
+    assert out["calls"] == [[{"name": "set_alarm", "arguments": {"time": "07:30"}}], [], None]
+    assert out["parse_ok"] == [True, True, False]

@@ -184,7 +184,8 @@ def fc_chat(rec: Mapping[str, Any], row: int) -> tuple[list[dict[str, Any]], lis
     if not _is_chat(messages):
         raise ValueError(f"row {row}: messages must be a non-empty list of {{role, content}} objects")
     tools = rec.get("tools")
-    tools = None if tools is None else _json_value(tools, "tools", row)
+    missing = tools is None or (isinstance(tools, float) and tools != tools)  # NaN: a DataFrame gap
+    tools = None if missing else _json_value(tools, "tools", row)
     if tools is not None and not isinstance(tools, list):
         raise ValueError(f"row {row}: tools must be a list of tool schemas, got {type(tools).__name__}")
     try:
