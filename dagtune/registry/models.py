@@ -1,14 +1,20 @@
 """What goes into a registered model version, and how it loads back.
 
+* ``TaskModel``: what a function-calling or extractor version serves when its training wrote
+  ``merged/``: the request is rendered with the training chat template (``dagtune.data.render``),
+  generated with the evaluate node's ``Generator`` (greedy, add_special_tokens=False, so the
+  template's ``<bos>`` is the only one) and parsed with evaluate's parsers. Signature: function caller
+  ``messages`` (+ ``tools``) -> ``calls``, ``parse_ok``, ``text``; extractor ``line`` -> ``equation``,
+  ``text``. Logged with a signature and an input example (``signature``, ``input_example``).
 * ``GGUFModel``: pyfunc over a GGUF file with llama-cpp-python, greedy decoding; takes a prompt
   string, a chat (list of ``{"role", "content"}``), or a batch of either; returns one text each.
   ``llama_cpp`` is imported inside ``load_context`` so logging works where it is not installed.
 * ``ClassifierModel``: pyfunc over the classifier artifact dir; the loader is an import path kept in
   the model config (default ``dagtune.training.classifier:load_classifier``), so the model points at
-  whatever loader the training node ships (it may return the model or (model, tokenizer); its
-  ``predict_proba`` may return P(flawed) per text or a (texts, labels) matrix). Input texts are
-  passed as they are: for the real classifier, prompts rendered the way training rendered them.
-  Returns a DataFrame ``probability`` (of label 1, "flawed", for two labels), ``label``.
+  whatever loader the training node ships (it returns (model, tokenizer); its ``predict_proba`` may
+  return P(flawed) per text or a (texts, labels) matrix). Input ``problem`` + ``solution``, rendered
+  with the tokenizer's chat template as training rendered them. Returns a DataFrame
+  ``probability`` (of label 1, "flawed", for two labels), ``label``.
 * Merged 16-bit model: transformers flavor, logged from its local checkpoint directory (no copy in
   memory), loads back bit-identical.
 * PEFT adapter: transformers flavor. A PEFT model whose base is a local directory MUST be logged with
