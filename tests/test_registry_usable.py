@@ -18,7 +18,7 @@ import pytest
 
 from dagtune import pipeline
 from dagtune.config import load_config
-from dagtune.evaluation.node import read_split
+from dagtune.data.split import read_split
 from dagtune.evaluation.tasks import subsample
 from dagtune.formats import END_CALL, parse_eq, parse_function_calls
 from tests.test_flow import FAST
