@@ -321,7 +321,17 @@ class TrainClassifierConfig(TrainCommon):
 # evaluate / convert_gguf / register
 # ----------------------------------------------------------------------------------------------
 class EvaluateConfig(Section):
-    batch_size: int = F(16, "Generation batch size (left padding, greedy).", ge=1)
+    batch_size: int = F(16, "Generation batch size on CPU (left padding, greedy).", ge=1)
+    cuda_batch_size: int | None = F(
+        None,
+        "Generation batch size on CUDA; None = chosen per batch from free GPU memory and the model's "
+        "KV-cache bytes per token (at most cuda_max_batch_size). Batching never changes a row's tokens.",
+        ge=1,
+    )
+    cuda_max_batch_size: int = F(256, "Largest generation batch the CUDA memory rule may choose.", ge=1)
+    cuda_memory_fraction: float = F(
+        0.5, "Share of the free GPU memory the CUDA memory rule may fill with one batch.", gt=0, le=1
+    )
     max_new_tokens: int = F(128, "Longest generation.", ge=1)
     max_examples: int | None = F(
         None, "Evaluate on at most this many test examples per task (None = all).", ge=1

@@ -255,3 +255,69 @@ def test_flawed_probability_adapter():
     assert FlawedProbability(TwoColumns()).predict_proba(["a", "b"]) == pytest.approx([0.1, 0.8])
     assert FlawedProbability(OneColumn()).predict_proba(["a"]) == [0.3]
     assert FlawedProbability(OneColumn()).predict_proba([]) == []
+
+
+# Strings the random-init tiny models write at different points of different rows (looked up once on
+# these prompts): rows stop at different steps, some never, which is what per-row stopping must handle.
+_TINY_STOPS = {
+    "tiny-functiongemma": ("فهل", "الالجواب", "معرفة"),
+    "tiny-gemma3": (" then", "transfer"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TINY_STOPS))
+def test_batched_generation_equals_one_at_a_time(tmp_path, name):
+    """Batches (left padding, per-row stop strings) give every row exactly the tokens it gets alone."""
+    import torch
+
+    from dagtune.data.render import render_extractor, render_function_calling
+    from dagtune.data.synthetic import synthetic_extractor, synthetic_function_calling
+    from dagtune.evaluation.generate import Generator
+    from dagtune.models import resolve_model
+    from dagtune.store import ArtifactStore
+
+    torch.set_num_threads(1)
+    g = Generator(resolve_model(name, ArtifactStore(tmp_path / "store")), device="cpu")
+    if name == "tiny-functiongemma":
+        rows, _ = synthetic_function_calling(24, 0.2, seed=1)
+        prompts = [render_function_calling(g.tokenizer, r, "Call functions.", "no")["prompt"] for r in rows]
+    else:
+        prompts = [render_extractor(g.tokenizer, r)["prompt"] for r in synthetic_extractor(24, seed=1)]
+    stops = _TINY_STOPS[name]
+    alone = g.generate(prompts, 1, 24, stops)
+    batched = g.generate(prompts, 8, 24, stops)
+    g.close()
+    assert [(x.text, x.finished, x.new_tokens) for x in batched] == [
+        (x.text, x.finished, x.new_tokens) for x in alone
+    ]
+    stopped = [x for x in alone if x.finished]
+    assert stopped and len(stopped) < len(alone)  # some rows stop, others run to max_new_tokens
+    assert len({x.new_tokens for x in stopped}) > 1  # ... at different steps
+    assert all(x.text.endswith(stops) and sum(x.text.count(s) for s in stops) == 1 for x in stopped)
+
+
+def test_cuda_batch_size_follows_kv_bytes_per_token():
+    """FunctionGemma-270M's shape: 18 layers x 1 KV head x 256 dims x K,V x bf16 = 18,432 bytes/token."""
+    from transformers import Gemma3TextConfig
+
+    from dagtune.evaluation.generate import kv_bytes_per_token, memory_batch_size, row_bytes
+
+    cfg = Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+    )
+    assert kv_bytes_per_token(cfg, 2) == 18432
+    per_row = row_bytes(cfg, 2, 512)
+    assert per_row == 18432 * 512 + 512 * (2 * 2048 + 4 * 640) * 2 + 4 * 262144
+    gib = 1024**3
+    assert memory_batch_size(cfg, 2, 512, 10 * gib, 0.5, 4096) == (5 * gib) // per_row
+    assert memory_batch_size(cfg, 2, 512, 100 * gib, 0.5, 256) == 256  # the cap
+    assert memory_batch_size(cfg, 2, 512, 1024, 0.5, 256) == 1  # never zero
+    assert memory_batch_size(cfg, 2, 1024, 10 * gib, 0.5, 4096) < memory_batch_size(
+        cfg, 2, 512, 10 * gib, 0.5, 4096
+    )

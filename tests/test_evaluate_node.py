@@ -107,8 +107,9 @@ class OracleGenerator:
     broken markup; verdict lines get the equation read off the line."""
 
     calls: list[tuple[str, int]] = []
+    stops: list[tuple[str, ...]] = []
 
-    def __init__(self, model_path, *, adapter_path=None, device="auto", dtype=None):
+    def __init__(self, model_path, *, adapter_path=None, device="auto", dtype=None, **memory_kw):
         self.model_path = model_path
         self.fine_tuned = "merged" in model_path
         gold = {}
@@ -119,8 +120,9 @@ class OracleGenerator:
                 gold.update(dict(zip(df["prompt"], df["completion"], strict=True)))
         self.gold = gold
 
-    def generate(self, prompts, batch_size, max_new_tokens):
+    def generate(self, prompts, batch_size, max_new_tokens, stop_strings=()):
         OracleGenerator.calls.append((self.model_path, len(prompts)))
+        OracleGenerator.stops.append(tuple(stop_strings))
         out = []
         for p in prompts:
             if not self.fine_tuned:
@@ -133,7 +135,7 @@ class OracleGenerator:
             out.append(Generation(text, True, 5))
         return out
 
-    def decoding_config(self, batch_size, max_new_tokens):
+    def decoding_config(self, batch_size, max_new_tokens, stop_strings=()):
         return {"do_sample": False, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
 
     def close(self):
@@ -145,6 +147,7 @@ def test_scores_follow_outputs_with_oracle_fine_tune(setup, monkeypatch):
     ups = make_upstream(store, garbage=False)
     OracleGenerator.data_dir = ups["prepare_data"].dir
     OracleGenerator.calls = []
+    OracleGenerator.stops = []
     monkeypatch.setattr(node_mod, "Generator", OracleGenerator)
     art, _ = pipeline.run_node("evaluate", cfg, ups)
     m = json.loads((art.dir / "metrics.json").read_text())
@@ -172,3 +175,5 @@ def test_scores_follow_outputs_with_oracle_fine_tune(setup, monkeypatch):
     assert "| computational_error | 1 | 1 | 0 |" in (art.dir / "report.md").read_text()
     # one load per model; the verdict lines reuse the loaded fine-tuned extractor
     assert [n for _, n in OracleGenerator.calls] == [6, 6, 4, 6, 4]
+    # each task's answer ends at its own stop string (function calls, then equations)
+    assert OracleGenerator.stops == [("<end_function_call>",)] * 2 + [("</eq>",)] * 3

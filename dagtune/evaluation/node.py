@@ -36,7 +36,7 @@ import pandas as pd
 
 from dagtune.data.split import read_split
 from dagtune.evaluation import plots
-from dagtune.evaluation.generate import Generator, resolve_device
+from dagtune.evaluation.generate import TASK_STOP_STRINGS, Generator, resolve_device
 from dagtune.evaluation.metrics import choose_threshold, classifier_metrics
 from dagtune.evaluation.report import write_report
 from dagtune.evaluation.tasks import (
@@ -138,20 +138,28 @@ def _generate_roles(
     gens: dict[str, list[Any]] = {}
     decoding: dict[str, dict[str, Any]] = {}
     extra: list[Any] = []
+    batch_size = cfg.batch_size if device == "cpu" else cfg.cuda_batch_size
+    stops = TASK_STOP_STRINGS[task]
     for role, (path, adapter_path) in roles.items():
         t0 = time.time()
-        g = Generator(path, adapter_path=adapter_path, device=device)
+        g = Generator(
+            path,
+            adapter_path=adapter_path,
+            device=device,
+            max_auto_batch=cfg.cuda_max_batch_size,
+            memory_fraction=cfg.cuda_memory_fraction,
+        )
         timer.add(f"{task}.{role}.load", t0)
         try:
             t0 = time.time()
-            gens[role] = g.generate(prompts, cfg.batch_size, cfg.max_new_tokens)
+            gens[role] = g.generate(prompts, batch_size, cfg.max_new_tokens, stops)
             timer.add(f"{task}.{role}.generate", t0)
-            decoding[role] = {**g.decoding_config(cfg.batch_size, cfg.max_new_tokens), "model": path}
+            decoding[role] = {**g.decoding_config(batch_size, cfg.max_new_tokens, stops), "model": path}
             if adapter_path:
                 decoding[role]["adapter"] = adapter_path
             if role == "fine_tuned" and extra_prompts:
                 t0 = time.time()
-                extra = g.generate(extra_prompts, cfg.batch_size, cfg.max_new_tokens)
+                extra = g.generate(extra_prompts, batch_size, cfg.max_new_tokens, stops)
                 timer.add("verdict.extractor.generate", t0)
         finally:
             g.close()
