@@ -372,9 +372,30 @@ class ConvertGgufConfig(Section):
         default_factory=lambda: ["q8_0"],
         description="Files to produce. Q4_K_M warns for models under 1B parameters (they lose bracket syntax).",
     )
-    parity_prompts: int = F(8, "How many evaluation prompts the HF vs llama.cpp parity check uses.", ge=1)
+    parity_prompts: int = F(
+        64,
+        "How many test prompts of the model's task (the first ones of test.parquet) the HF vs llama.cpp "
+        "parity check uses; top-1 agreement is counted over every position of every prompt.",
+        ge=1,
+    )
     min_top1_agreement: float = F(
-        0.98, "Node fails below this next-token top-1 agreement with HF.", ge=0, le=1
+        0.98,
+        "Node fails below this next-token top-1 agreement with HF over all positions of the parity prompts.",
+        ge=0,
+        le=1,
+    )
+    template_check: list[Literal["function_calling", "extractor"]] = F(
+        default_factory=lambda: ["function_calling"],
+        description="Models whose parity check also renders each test conversation (messages and tools) "
+        "with the GGUF's own embedded chat template, as llama.cpp's chat completion does, and compares "
+        "llama.cpp's greedy output on it with the HF model's on the dataset prompt.",
+    )
+    min_template_greedy_match: float = F(
+        0.95,
+        "Node fails when fewer of the template_check prompts than this give the HF model's greedy output "
+        "(a chat template lost or changed in conversion), or when the GGUF embeds no chat template.",
+        ge=0,
+        le=1,
     )
     top1_tie_tolerance: float = F(
         0.05,

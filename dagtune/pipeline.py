@@ -290,6 +290,8 @@ def training_slot(lock_dir: Path, slots: int, name: str) -> Iterator[None]:
                 lock.acquire(timeout=0)
             except Timeout:
                 continue
+            # The epoch in the text: benchmarks/pipeline_real_size.py reads when a node's work began.
+            log.info("node %s: training slot acquired at %.3f", name, time.time())
             try:
                 yield
             finally:

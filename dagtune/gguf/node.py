@@ -3,18 +3,22 @@
 For each model in ``convert_gguf.models``: llama.cpp's own converter writes ``outtype`` (F16 by
 default) from the training node's ``merged/`` directory, then each requested quantization is made and
 checked against the HF model in llama-cpp-python on the first ``parity_prompts`` test prompts of that
-model's task (token ids identical, next-token top-1 agreement, greedy generation agreement). The node
-fails when a file's top-1 agreement is below ``min_top1_agreement``: a broken export never reaches the
-registry.
+model's task (``dagtune.gguf.parity``: token ids identical, next-token top-1 agreement over every prompt
+position, greedy generation agreement, and for ``template_check`` models greedy output on prompts
+rendered by the GGUF's own embedded chat template). The node fails when a file's top-1 agreement is
+below ``min_top1_agreement``, or its embedded template is missing or serves other prompts
+(``min_template_greedy_match``): a broken export never reaches the registry.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from dagtune.gguf.parity import Chat
 from dagtune.pipeline import NodeContext
 
 log = logging.getLogger("dagtune.gguf")
@@ -37,6 +41,28 @@ def _prompts(data_dir: Path, task: str, n: int) -> list[str]:
     return df["prompt"].head(n).tolist()
 
 
+def _chats(ctx: NodeContext, task: str, n: int) -> list[Chat]:
+    """The conversations the first ``n`` test prompts were rendered from (``dagtune.data.render``):
+    FunctionGemma's developer turn + user request with the row's tools; the extractor's instruction +
+    line."""
+    import pandas as pd
+
+    from dagtune.data.render import EXTRACTOR_INSTRUCTION
+
+    data = ctx.upstream["prepare_data"]
+    df = pd.read_parquet(data.dir / task / "test.parquet").head(n)
+    if task == "extractor":
+        return [Chat([{"role": "user", "content": EXTRACTOR_INSTRUCTION + line}]) for line in df["line"]]
+    developer = data.manifest()["inputs"]["config"]["function_calling"]["developer_prompt"]
+    return [
+        Chat(
+            [{"role": "developer", "content": developer}, {"role": "user", "content": user}],
+            tools=json.loads(tools),
+        )
+        for user, tools in zip(df["user"], df["tools"], strict=True)
+    ]
+
+
 def _base_dir(ctx: NodeContext, train_node: str) -> Path:
     """The base model's directory: its SentencePiece ``tokenizer.model`` (which a merge through
     transformers 5 does not write) is what llama.cpp's Gemma converter builds the vocab from."""
@@ -53,9 +79,11 @@ def _base_dir(ctx: NodeContext, train_node: str) -> Path:
 
 
 def build(ctx: NodeContext) -> dict[str, Any]:
+    from dagtune.evaluation.generate import resolve_device
     from dagtune.gguf import convert_hf_to_gguf, parity_check, quantize
 
     cfg = ctx.section
+    device = resolve_device(ctx.runtime.device)
     data_dir = ctx.upstream["prepare_data"].dir
     metrics: dict[str, Any] = {}
     failures: list[str] = []
@@ -70,6 +98,7 @@ def build(ctx: NodeContext) -> dict[str, Any]:
         tok_source = None if (merged / "tokenizer.model").is_file() else _base_dir(ctx, train_node)
         conv = convert_hf_to_gguf(merged, base_file, outtype=cfg.outtype, tokenizer_source=tok_source)
         prompts = _prompts(data_dir, task, cfg.parity_prompts)
+        chats = _chats(ctx, task, cfg.parity_prompts) if model in cfg.template_check else None
         files: dict[str, Any] = {}
         for qtype in cfg.quantizations:
             target = out_dir / f"{model}.{qtype}.gguf"
@@ -87,6 +116,9 @@ def build(ctx: NodeContext) -> dict[str, Any]:
                 max_new_tokens=cfg.max_new_tokens,
                 min_top1_agreement=cfg.min_top1_agreement,
                 top1_tie_tolerance=cfg.top1_tie_tolerance,
+                chats=chats,
+                min_template_greedy_match=cfg.min_template_greedy_match,
+                device=device,
             )
             files[qtype] = {
                 "file": target.relative_to(ctx.out).as_posix(),
@@ -111,23 +143,32 @@ def build(ctx: NodeContext) -> dict[str, Any]:
     return metrics
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
 def _report(metrics: dict[str, Any]) -> str:
     lines = [
         "# GGUF parity report",
         "",
-        "HF model (float32) vs llama.cpp on the task's test prompts.",
+        "HF model (float32) vs llama.cpp on the task's test prompts. Top-1 agreement over all prompt "
+        "positions is the gate; template = greedy output on prompts rendered by the GGUF's embedded chat "
+        "template equal to HF's (function caller).",
         "",
-        "| model | type | size MB | token ids match | top-1 agreement (near-ties ok) | max abs logit diff "
-        "| greedy exact match | passed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | type | size MB | prompts | token ids match | top-1 all positions (near-ties ok) "
+        "| top-1 last position | max abs logit diff | greedy exact match | template | passed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, files in metrics.items():
         for qtype, f in files.items():
             p = f["parity"]
+            allpos = p["top1_agreement_all_positions_ties_ok"]
+            tpl = p.get("template_greedy_match_rate")
             lines.append(
-                f"| {model} | {qtype} | {f['size_bytes'] / 1e6:.2f} | {p['token_ids_match_rate']:.3f} | "
-                f"{p['top1_agreement']:.3f} ({p['top1_agreement_ties_ok']:.3f}) | {p['max_abs_logit_diff']:.3g} | {p['greedy_exact_match_rate']:.3f} | "
-                f"{p['passed']} |"
+                f"| {model} | {qtype} | {f['size_bytes'] / 1e6:.2f} | {p['n_prompts']} | "
+                f"{p['token_ids_match_rate']:.3f} | {_num(p['top1_agreement_all_positions'])} ({_num(allpos)}) | "
+                f"{p['top1_agreement']:.3f} | {p['max_abs_logit_diff']:.3g} | "
+                f"{p['greedy_exact_match_rate']:.3f} | {_num(tpl)} | {p['passed']} |"
             )
     ties = [
         (m, q, t)

@@ -1,22 +1,34 @@
 """HF (transformers, float32) vs llama.cpp (llama-cpp-python) parity for an exported GGUF file.
 
-Three checks per prompt:
+Checks per prompt:
 
 (a) token ids: the HF tokenizer vs llama.cpp's tokenizer on the same text (must be identical);
-(b) next-token logits at the last prompt position: top-1 agreement and max |diff| (also over all prompt
-    positions where the ids match);
-(c) greedy generation: token-level exact match of the first ``max_new_tokens`` tokens (stopping at EOS).
+(b) next-token logits at every prompt position: top-1 agreement over all positions of all prompts is
+    the gate (``min_top1_agreement``); a disagreement where HF's own logits for the two tokens differ by
+    at most ``top1_tie_tolerance`` is a near-tie (rounding between almost equal candidates) and counts
+    as agreement. The last position's agreement and max |diff| are reported too;
+(c) greedy generation: token-level exact match of the first ``max_new_tokens`` tokens (stopping at EOS);
+(d) the embedded chat template (when ``chats`` are given, e.g. the function caller's messages and
+    tools): each chat is rendered by the GGUF's own ``tokenizer.chat_template`` exactly as
+    llama-cpp-python's chat completion renders it for serving (``Jinja2ChatFormatter`` with the GGUF's
+    BOS/EOS strings, tokenized with ``add_bos=False``, ``special=True``), generated greedily by llama.cpp,
+    and compared with the HF model's greedy output on the dataset's prompt (the text the model was
+    trained and evaluated on). Below ``min_template_greedy_match`` the check fails: a template lost or
+    changed in conversion serves different prompts than the model learned.
 
-BOS convention: llama.cpp adds its own BOS (``tokenizer.ggml.add_bos_token``), so a prompt rendered by a
-chat template that starts with ``<bos>`` is tokenized by HF as written (``add_special_tokens=False``)
-and by llama.cpp with the leading ``<bos>`` stripped and ``add_bos=True``. A prompt without a leading
-BOS is tokenized by HF with ``add_special_tokens=True``. Either way both sides should produce one BOS.
+BOS convention for (a)-(c): llama.cpp adds its own BOS (``tokenizer.ggml.add_bos_token``), so a prompt
+rendered by a chat template that starts with ``<bos>`` is tokenized by HF as written
+(``add_special_tokens=False``) and by llama.cpp with the leading ``<bos>`` stripped and ``add_bos=True``.
+A prompt without a leading BOS is tokenized by HF with ``add_special_tokens=True``. Either way both sides
+should produce one BOS.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,77 +70,94 @@ def compare_top1(hf_last: Any, ll_last: Any, tie_tolerance: float) -> tuple[bool
     return False, {"hf_top": hf_top, "llama_top": ll_top, "hf_gap": gap, "tie": gap <= tie_tolerance}
 
 
-def parity_check(
-    hf_model_dir: Path,
-    gguf_file: Path,
-    prompts: list[str],
-    max_new_tokens: int = 32,
-    *,
-    min_top1_agreement: float = 0.98,
-    top1_tie_tolerance: float = 0.0,
-    min_greedy_exact_match: float | None = None,
-    n_threads: int | None = None,
-    max_mismatch_records: int = 20,
-) -> dict[str, Any]:
-    """Compare an HF model directory with its GGUF export on ``prompts``.
+@dataclass
+class Chat:
+    """A conversation the way the chat completion API receives it: rendered by a chat template."""
 
-    Args:
-        hf_model_dir: the HF model the GGUF was converted from (loaded in float32, eager attention).
-        gguf_file: GGUF file (any type llama.cpp loads: F16, BF16, Q8_0, ...).
-        prompts: prompt texts, typically chat-template renderings (a leading ``<bos>`` is handled).
-        max_new_tokens: greedy generation length compared in check (c).
-        min_top1_agreement: ``passed`` needs last-position top-1 agreement >= this.
-        top1_tie_tolerance: a last-position disagreement where HF's own logits for its top-1 and for
-            llama.cpp's top-1 differ by at most this is a near-tie (quantization rounding between two
-            almost equal candidates, not a broken export): it counts as agreement for the gate, and is
-            reported in ``top1_near_ties`` with the gap. 0 = strict.
-        min_greedy_exact_match: if set, ``passed`` also needs the greedy exact-match rate >= this.
-        n_threads: llama.cpp threads (default: llama-cpp-python's, half the cores).
-        max_mismatch_records: at most this many token-id mismatches are described in the result.
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
 
-    Returns:
-        A flat dict of numbers for a manifest: ``n_prompts``, ``token_ids_match_rate``,
-        ``n_token_id_mismatches``, ``top1_agreement``, ``top1_agreement_all_positions``,
-        ``max_abs_logit_diff``, ``mean_abs_logit_diff``, ``max_abs_logit_diff_all_positions``,
-        ``hf_logit_absmax``, ``hf_top1_margin_min`` (smallest HF top-1/top-2 logit gap at the last position:
-        when it is below ``max_abs_logit_diff`` a top-1 flip is rounding, e.g. on a random-init model),
-        ``greedy_exact_match_rate``, ``greedy_token_agreement``, ``passed``,
-        ``seconds``; plus ``token_id_mismatches`` (a short list of dicts) and ``failures`` (reasons).
-    """
+
+@dataclass
+class _Top1:
+    """Running top-1 agreement of HF vs llama.cpp logits."""
+
+    tolerance: float
+    hits: int = 0
+    ties: int = 0
+    n: int = 0
+    max_diff: float = 0.0
+
+    def add(self, hf: Any, ll: Any) -> None:
+        """``hf``/``ll``: (positions, vocab) logits of one prompt."""
+        import numpy as np
+
+        hf_top, ll_top = hf.argmax(-1), ll.argmax(-1)
+        same = hf_top == ll_top
+        rows = np.arange(len(hf))
+        gap = hf[rows, hf_top] - hf[rows, ll_top]
+        self.hits += int(same.sum())
+        self.ties += int(((~same) & (gap <= self.tolerance)).sum())
+        self.n += len(hf)
+        self.max_diff = max(self.max_diff, float(np.abs(hf - ll).max()))
+
+    def strict(self) -> float | None:
+        return self.hits / self.n if self.n else None
+
+    def ties_ok(self) -> float | None:
+        return (self.hits + self.ties) / self.n if self.n else None
+
+
+@dataclass
+class _Last:
+    """Per-prompt numbers at the last prompt position."""
+
+    tolerance: float
+    top1: list[bool] = field(default_factory=list)
+    max_diff: list[float] = field(default_factory=list)
+    mean_diff: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
+    flips: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, hf_last: Any, ll_last: Any) -> None:
+        import numpy as np
+
+        diff = np.abs(hf_last - ll_last)
+        agree, flip = compare_top1(hf_last, ll_last, self.tolerance)
+        if flip:
+            self.flips.append({"prompt": len(self.top1), **flip})
+        self.top1.append(agree)
+        self.max_diff.append(float(diff.max()))
+        self.mean_diff.append(float(diff.mean()))
+        top2 = np.partition(hf_last, -2)[-2:]
+        self.margin.append(float(top2[1] - top2[0]))
+
+
+def _token_ids(tok: Any, gguf_file: Path, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """(HF ids, llama.cpp ids) of each prompt, with the BOS convention of the module doc."""
     import llama_cpp
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t_start = time.perf_counter()
-    if not prompts:
-        raise ValueError("parity_check needs at least one prompt")
-    hf_model_dir, gguf_file = Path(hf_model_dir), Path(gguf_file)
-
-    # ---- (a) tokenization ------------------------------------------------------------------
-    tok = AutoTokenizer.from_pretrained(hf_model_dir)
-    hf_ids_all: list[list[int]] = []
-    llama_texts: list[str] = []
+    hf_ids, llama_texts = [], []
     for p in prompts:
         # HF reference, independent of the llama.cpp-side handling: a rendered template carries its own
         # <bos> (apply_chat_template tokenizes with add_special_tokens=False); plain text gets HF's own.
         has_bos = bool(tok.bos_token) and p.startswith(tok.bos_token)
-        hf_ids_all.append(list(tok(p, add_special_tokens=not has_bos)["input_ids"]))
+        hf_ids.append(list(tok(p, add_special_tokens=not has_bos)["input_ids"]))
         llama_texts.append(strip_leading_bos(p, tok.bos_token)[0])
-
     vocab = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
     try:
-        ll_ids_all = [
-            list(vocab.tokenize(t.encode("utf-8"), add_bos=True, special=True)) for t in llama_texts
-        ]
+        ll_ids = [list(vocab.tokenize(t.encode("utf-8"), add_bos=True, special=True)) for t in llama_texts]
     finally:
         vocab.close()
+    return hf_ids, ll_ids
 
-    mismatches: list[dict[str, Any]] = []
-    for i, (h, g) in enumerate(zip(hf_ids_all, ll_ids_all, strict=True)):
+
+def _id_mismatches(hf_ids: list[list[int]], ll_ids: list[list[int]]) -> list[dict[str, Any]]:
+    out = []
+    for i, (h, g) in enumerate(zip(hf_ids, ll_ids, strict=True)):
         if h != g:
             d = _first_diff(h, g)
-            mismatches.append(
+            out.append(
                 {
                     "prompt_index": i,
                     "hf_len": len(h),
@@ -138,20 +167,280 @@ def parity_check(
                     "llama_ids": g[d : d + 8] if d is not None else [],
                 }
             )
+    return out
 
-    # ---- models -----------------------------------------------------------------------------
-    model = AutoModelForCausalLM.from_pretrained(
-        hf_model_dir, dtype=torch.float32, attn_implementation="eager"
-    )
-    model.eval()
+
+def _stop_ids(model: Any, tok: Any) -> set[int]:
     stop: set[int] = set()
     for src in (getattr(model.generation_config, "eos_token_id", None), tok.eos_token_id):
         if isinstance(src, int):
             stop.add(src)
         elif isinstance(src, list | tuple):
             stop.update(int(x) for x in src)
+    return stop
 
+
+def _hf_greedy(model: Any, out: Any, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy continuation of a prompt whose forward output (logits, cache) is ``out``."""
+    import torch
+
+    gen: list[int] = []
+    past, logits = out.past_key_values, out.logits[0, -1]
+    dev = out.logits.device
+    with torch.no_grad():
+        for step in range(max_new_tokens):
+            t = int(logits.argmax())
+            gen.append(t)
+            if t in stop or step == max_new_tokens - 1:
+                break
+            o = model(input_ids=torch.tensor([[t]], device=dev), past_key_values=past, use_cache=True)
+            past, logits = o.past_key_values, o.logits[0, -1]
+    return _truncate_at_stop(gen, stop)
+
+
+def _llama_greedy(llm: Any, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy continuation of what ``llm`` has evaluated so far."""
+    import numpy as np
+
+    gen: list[int] = []
+    for step in range(max_new_tokens):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        gen.append(t)
+        if t in stop or step == max_new_tokens - 1:
+            break
+        llm.eval([t])
+    return _truncate_at_stop(gen, stop)
+
+
+def gguf_chat_template(llm: Any) -> str | None:
+    """The GGUF's embedded ``tokenizer.chat_template`` as llama.cpp reads it (None when absent)."""
+    return (getattr(llm, "metadata", None) or {}).get("tokenizer.chat_template") or None
+
+
+def render_with_gguf_template(llm: Any, template: str, chat: Chat) -> list[int]:
+    """Token ids of ``chat`` rendered by ``template`` the way llama-cpp-python's chat completion does
+    for a GGUF that embeds it (its Jinja2 formatter, the GGUF's BOS/EOS strings, the rendered text
+    tokenized with ``special=True`` and a BOS only when the formatter did not write one)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def text(token_id: int) -> str:
+        if token_id < 0:
+            return ""
+        return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    fmt = Jinja2ChatFormatter(template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos()))
+    res = fmt(messages=chat.messages, tools=chat.tools)
+    return list(llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True))
+
+
+@dataclass
+class _TemplateCheck:
+    """(d): greedy output through llama.cpp on the GGUF-template rendering vs HF's on the dataset prompt."""
+
+    template: str | None
+    same_ids: int = 0
+    matches: list[bool] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(
+        self,
+        llm: Any,
+        chat: Chat,
+        dataset: tuple[list[int], list[int]],
+        hf_gen: list[int],
+        max_new_tokens: int,
+        stop: set[int],
+    ) -> None:
+        """``dataset``: llama.cpp's ids of the dataset prompt and its greedy continuation (reused when
+        the template renders the very same ids: llama.cpp is deterministic)."""
+        dataset_ids, ll_gen = dataset
+        ids = render_with_gguf_template(llm, self.template or "", chat)
+        if ids == dataset_ids:
+            self.same_ids += 1
+        else:
+            llm.reset()
+            llm.eval(ids)
+            ll_gen = _llama_greedy(llm, max_new_tokens, stop)
+        self.matches.append(ll_gen == hf_gen)
+        if ll_gen != hf_gen and len(self.examples) < 5:
+            self.examples.append(
+                {"prompt": len(self.matches) - 1, "rendered_len": len(ids), "dataset_len": len(dataset_ids)}
+            )
+
+    def summary(self, n: int) -> dict[str, Any]:
+        return {
+            "template_embedded": self.template is not None,
+            "template_greedy_match_rate": (sum(self.matches) / len(self.matches)) if self.matches else 0.0,
+            "template_prompt_ids_equal_rate": self.same_ids / n,
+            "template_mismatch_examples": self.examples,
+        }
+
+
+def _hf_model(hf_model_dir: Path, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.to(device).eval()
+
+
+def _compare_prompts(
+    model: Any,
+    llm: Any,
+    hf_ids_all: list[list[int]],
+    ll_ids_all: list[list[int]],
+    chats: Sequence[Chat] | None,
+    max_new_tokens: int,
+    stop: set[int],
+    tolerance: float,
+) -> dict[str, Any]:
+    """(b), (c) and (d) over every prompt."""
+    import numpy as np
+    import torch
+
+    last, allpos = _Last(tolerance), _Top1(tolerance)
+    tpl = _TemplateCheck(gguf_chat_template(llm)) if chats is not None else None
+    hf_absmax, greedy_exact, greedy_frac = 0.0, [], []
+    dev = next(model.parameters()).device
+    for i, (h_ids, l_ids) in enumerate(zip(hf_ids_all, ll_ids_all, strict=True)):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([h_ids], device=dev), use_cache=True)
+        hf_logits = out.logits[0].float().cpu().numpy()
+        llm.reset()
+        llm.eval(l_ids)
+        ll_logits = np.array(llm.scores[: len(l_ids)], dtype=np.float32)
+        v = min(hf_logits.shape[-1], ll_logits.shape[-1])
+        last.add(hf_logits[-1, :v], ll_logits[-1, :v])
+        hf_absmax = max(hf_absmax, float(np.abs(hf_logits[:, :v]).max()))
+        if h_ids == l_ids:
+            allpos.add(hf_logits[:, :v], ll_logits[:, :v])
+        hf_gen = _hf_greedy(model, out, max_new_tokens, stop)
+        ll_gen = _llama_greedy(llm, max_new_tokens, stop)
+        greedy_exact.append(hf_gen == ll_gen)
+        prefix = _first_diff(hf_gen, ll_gen)
+        prefix = len(hf_gen) if prefix is None else prefix
+        greedy_frac.append(prefix / max(len(hf_gen), len(ll_gen), 1))
+        if tpl is not None and tpl.template is not None and chats is not None:
+            tpl.add(llm, chats[i], (l_ids, ll_gen), hf_gen, max_new_tokens, stop)
+    n = len(hf_ids_all)
+    out_d: dict[str, Any] = {
+        "top1_agreement": sum(last.top1) / n,
+        "top1_agreement_ties_ok": (sum(last.top1) + sum(t["tie"] for t in last.flips)) / n,
+        "top1_disagreements": last.flips,
+        "top1_agreement_all_positions": allpos.strict(),
+        "top1_agreement_all_positions_ties_ok": allpos.ties_ok(),
+        "n_positions": allpos.n,
+        "max_abs_logit_diff": max(last.max_diff),
+        "mean_abs_logit_diff": float(np.mean(last.mean_diff)),
+        "max_abs_logit_diff_all_positions": allpos.max_diff if allpos.n else None,
+        "hf_logit_absmax": hf_absmax,
+        "hf_top1_margin_min": min(last.margin),
+        "greedy_exact_match_rate": sum(greedy_exact) / n,
+        "greedy_token_agreement": float(np.mean(greedy_frac)),
+    }
+    if tpl is not None:
+        out_d.update(tpl.summary(n))
+    return out_d
+
+
+def _failures(
+    r: dict[str, Any],
+    n: int,
+    n_mismatch: int,
+    min_top1: float,
+    min_greedy: float | None,
+    min_template: float | None,
+) -> list[str]:
+    failures: list[str] = []
+    if n_mismatch:
+        failures.append(f"token ids differ on {n_mismatch}/{n} prompts")
+    top1 = r["top1_agreement_all_positions_ties_ok"]
+    if top1 is not None and top1 < min_top1:
+        failures.append(
+            f"top-1 agreement over all {r['n_positions']} prompt positions {top1:.4f} < {min_top1} (strict "
+            f"{r['top1_agreement_all_positions']:.4f}; near-tie tolerance {r['top1_tie_tolerance']}; last "
+            f"position {r['top1_agreement']:.3f}; max |diff| {r['max_abs_logit_diff_all_positions']:.4g})"
+        )
+    if min_greedy is not None and r["greedy_exact_match_rate"] < min_greedy:
+        failures.append(f"greedy exact match {r['greedy_exact_match_rate']:.3f} < {min_greedy}")
+    if min_template is not None and "template_embedded" in r:
+        if not r["template_embedded"]:
+            failures.append(
+                "the GGUF has no embedded chat template (tokenizer.chat_template): llama.cpp's chat "
+                "completion cannot render the prompts the model was trained on"
+            )
+        elif r["template_greedy_match_rate"] < min_template:
+            failures.append(
+                f"greedy output on prompts rendered by the GGUF's embedded chat template equals the HF "
+                f"model's on {r['template_greedy_match_rate']:.3f} of prompts < {min_template} (rendered "
+                f"prompt ids equal the dataset's on {r['template_prompt_ids_equal_rate']:.3f}): the "
+                "template was lost or changed in conversion"
+            )
+    return failures
+
+
+def parity_check(
+    hf_model_dir: Path,
+    gguf_file: Path,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    *,
+    min_top1_agreement: float = 0.98,
+    top1_tie_tolerance: float = 0.0,
+    min_greedy_exact_match: float | None = None,
+    chats: Sequence[Chat] | None = None,
+    min_template_greedy_match: float = 0.95,
+    device: str = "cpu",
+    n_threads: int | None = None,
+    max_mismatch_records: int = 20,
+) -> dict[str, Any]:
+    """Compare an HF model directory with its GGUF export on ``prompts`` (checks (a)-(d), module doc).
+
+    Args:
+        hf_model_dir: the HF model the GGUF was converted from (loaded in float32, eager attention).
+        gguf_file: GGUF file (any type llama.cpp loads: F16, BF16, Q8_0, ...).
+        prompts: prompt texts, typically chat-template renderings (a leading ``<bos>`` is handled).
+        max_new_tokens: greedy generation length compared in (c) and (d).
+        min_top1_agreement: ``passed`` needs top-1 agreement over all prompt positions >= this.
+        top1_tie_tolerance: a disagreement where HF's own logits for its top-1 and for llama.cpp's top-1
+            differ by at most this is a near-tie: it counts as agreement and is reported. 0 = strict.
+        min_greedy_exact_match: if set, ``passed`` also needs the greedy exact-match rate >= this.
+        chats: the conversations ``prompts`` were rendered from (same order): runs (d).
+        min_template_greedy_match: (d)'s threshold.
+        device: where the HF reference runs (float32 either way; TF32 is off during the check).
+        n_threads: llama.cpp threads (default: llama-cpp-python's, half the cores).
+        max_mismatch_records: at most this many token-id mismatches are described in the result.
+
+    Returns:
+        A flat dict for a manifest: ``n_prompts``, ``token_ids_match_rate``, ``n_token_id_mismatches``,
+        ``top1_agreement_all_positions`` (+ ``_ties_ok``, the gate), ``n_positions``, ``top1_agreement``
+        (+ ``_ties_ok``: last position), ``top1_disagreements`` (last position), ``max_abs_logit_diff``,
+        ``mean_abs_logit_diff``, ``max_abs_logit_diff_all_positions``, ``hf_logit_absmax``,
+        ``hf_top1_margin_min``, ``greedy_exact_match_rate``, ``greedy_token_agreement``; with ``chats``
+        ``template_embedded``, ``template_greedy_match_rate``, ``template_prompt_ids_equal_rate``,
+        ``template_mismatch_examples``; ``passed``, ``failures`` (reasons), ``seconds``,
+        ``token_id_mismatches`` (a short list).
+    """
+    import llama_cpp
+    import torch
+    from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
+    if not prompts:
+        raise ValueError("parity_check needs at least one prompt")
+    if chats is not None and len(chats) != len(prompts):
+        raise ValueError(f"parity_check got {len(chats)} chats for {len(prompts)} prompts")
+    hf_model_dir, gguf_file = Path(hf_model_dir), Path(gguf_file)
+    tok = AutoTokenizer.from_pretrained(hf_model_dir)
+    hf_ids_all, ll_ids_all = _token_ids(tok, gguf_file, prompts)
+    mismatches = _id_mismatches(hf_ids_all, ll_ids_all)
+    model = _hf_model(hf_model_dir, device)
+    stop = _stop_ids(model, tok)
     n_ctx = max(256, max(len(x) for x in ll_ids_all) + max_new_tokens + 16)
+    if chats is not None:
+        n_ctx += 256  # a rendering by another template may be a little longer
     llm = llama_cpp.Llama(
         model_path=str(gguf_file),
         logits_all=True,
@@ -161,119 +450,48 @@ def parity_check(
         seed=0,
         verbose=False,
     )
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference stays float32 on a GPU
     try:
         stop.add(int(llm.token_eos()))
-        last_top1: list[bool] = []
-        last_maxdiff: list[float] = []
-        last_meandiff: list[float] = []
-        last_margin: list[float] = []
-        near_ties: list[dict[str, Any]] = []
-        all_top1_hits = 0
-        all_top1_n = 0
-        all_maxdiff = 0.0
-        hf_absmax = 0.0
-        greedy_exact: list[bool] = []
-        greedy_frac: list[float] = []
-
-        for h_ids, l_ids in zip(hf_ids_all, ll_ids_all, strict=True):
-            # ---- (b) logits -----------------------------------------------------------------
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([h_ids]), use_cache=True)
-            hf_logits = out.logits[0].float().numpy()
-            llm.reset()
-            llm.eval(l_ids)
-            ll_logits = np.array(llm.scores[: len(l_ids)], dtype=np.float32)
-            v = min(hf_logits.shape[-1], ll_logits.shape[-1])
-            hf_last, ll_last = hf_logits[-1, :v], ll_logits[-1, :v]
-            diff = np.abs(hf_last - ll_last)
-            agree, flip = compare_top1(hf_last, ll_last, top1_tie_tolerance)
-            if flip:
-                near_ties.append({"prompt": len(last_top1), **flip})
-            last_top1.append(agree)
-            last_maxdiff.append(float(diff.max()))
-            last_meandiff.append(float(diff.mean()))
-            top2 = np.partition(hf_last, -2)[-2:]
-            last_margin.append(float(top2[1] - top2[0]))
-            hf_absmax = max(hf_absmax, float(np.abs(hf_logits[:, :v]).max()))
-            if h_ids == l_ids:
-                hf_all, ll_all = hf_logits[:, :v], ll_logits[:, :v]
-                all_top1_hits += int((hf_all.argmax(-1) == ll_all.argmax(-1)).sum())
-                all_top1_n += len(h_ids)
-                all_maxdiff = max(all_maxdiff, float(np.abs(hf_all - ll_all).max()))
-
-            # ---- (c) greedy generation ------------------------------------------------------
-            hf_gen: list[int] = []
-            past, logits = out.past_key_values, out.logits[0, -1]
-            with torch.no_grad():
-                for step in range(max_new_tokens):
-                    t = int(logits.argmax())
-                    hf_gen.append(t)
-                    if t in stop or step == max_new_tokens - 1:
-                        break
-                    o = model(input_ids=torch.tensor([[t]]), past_key_values=past, use_cache=True)
-                    past, logits = o.past_key_values, o.logits[0, -1]
-            ll_gen: list[int] = []
-            for step in range(max_new_tokens):
-                t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                ll_gen.append(t)
-                if t in stop or step == max_new_tokens - 1:
-                    break
-                llm.eval([t])
-            hf_gen, ll_gen = _truncate_at_stop(hf_gen, stop), _truncate_at_stop(ll_gen, stop)
-            greedy_exact.append(hf_gen == ll_gen)
-            prefix = _first_diff(hf_gen, ll_gen)
-            prefix = len(hf_gen) if prefix is None else prefix
-            greedy_frac.append(prefix / max(len(hf_gen), len(ll_gen), 1))
+        compared = _compare_prompts(
+            model, llm, hf_ids_all, ll_ids_all, chats, max_new_tokens, stop, top1_tie_tolerance
+        )
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         llm.close()
         del model
-
     n = len(prompts)
     result: dict[str, Any] = {
         "n_prompts": n,
         "token_ids_match_rate": (n - len(mismatches)) / n,
         "n_token_id_mismatches": len(mismatches),
-        "top1_agreement": sum(last_top1) / n,
-        "top1_agreement_ties_ok": (sum(last_top1) + sum(t["tie"] for t in near_ties)) / n,
         "top1_tie_tolerance": top1_tie_tolerance,
-        "top1_disagreements": near_ties,
-        "top1_agreement_all_positions": (all_top1_hits / all_top1_n) if all_top1_n else None,
-        "max_abs_logit_diff": max(last_maxdiff),
-        "mean_abs_logit_diff": float(np.mean(last_meandiff)),
-        "max_abs_logit_diff_all_positions": all_maxdiff if all_top1_n else None,
-        "hf_logit_absmax": hf_absmax,
-        "hf_top1_margin_min": min(last_margin),
-        "greedy_exact_match_rate": sum(greedy_exact) / n,
-        "greedy_token_agreement": float(np.mean(greedy_frac)),
+        **compared,
         "max_new_tokens": max_new_tokens,
         "min_top1_agreement": min_top1_agreement,
         "gguf_file": str(gguf_file),
         "token_id_mismatches": mismatches[:max_mismatch_records],
     }
-    failures: list[str] = []
-    if mismatches:
-        failures.append(f"token ids differ on {len(mismatches)}/{n} prompts")
-    if result["top1_agreement_ties_ok"] < min_top1_agreement:
-        gaps = ", ".join(f"{t['hf_gap']:.4g}" for t in near_ties)
-        failures.append(
-            f"top-1 agreement {result['top1_agreement_ties_ok']:.3f} < {min_top1_agreement} (HF logit gaps of "
-            f"the disagreements: {gaps}; near-tie tolerance {top1_tie_tolerance}; max |diff| "
-            f"{result['max_abs_logit_diff']:.4g})"
-        )
-    if min_greedy_exact_match is not None and result["greedy_exact_match_rate"] < min_greedy_exact_match:
-        failures.append(
-            f"greedy exact match {result['greedy_exact_match_rate']:.3f} < {min_greedy_exact_match}"
-        )
+    failures = _failures(
+        result,
+        n,
+        len(mismatches),
+        min_top1_agreement,
+        min_greedy_exact_match,
+        min_template_greedy_match if chats is not None else None,
+    )
     result["failures"] = failures
     result["passed"] = not failures
     result["seconds"] = round(time.perf_counter() - t_start, 3)
     logger.info(
-        "parity %s: ids %.3f top1 %.3f maxdiff %.3g greedy %.3f -> %s",
+        "parity %s: ids %.3f top1(all) %s maxdiff %.3g greedy %.3f template %s -> %s",
         gguf_file.name,
         result["token_ids_match_rate"],
-        result["top1_agreement"],
+        result["top1_agreement_all_positions_ties_ok"],
         result["max_abs_logit_diff"],
         result["greedy_exact_match_rate"],
+        result.get("template_greedy_match_rate"),
         "PASS" if result["passed"] else "FAIL",
     )
     return result

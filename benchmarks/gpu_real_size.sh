@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 19's GPU call: the real-size nightly DAG (benchmarks/pipeline_real_size.py) and evaluation's
+# generation speed (benchmarks/generation_throughput.py) on one GPU, inside one 10-minute device call.
+#
+#   here:   bash scripts/gpu_carry.sh            (builds .gpu_carry/, as for benchmarks/gpu_suite.sh)
+#   device: run(kind="nvidia-h200", carry=[".gpu_carry"], command="timeout 595 bash benchmarks/gpu_real_size.sh")
+#
+# Stages, in order, each under its own time limit, results written to $OUT as they are produced:
+#   build     the three real-shape models, random init (train_throughput.py --_build; ~1-2 min, Phi-4-mini
+#             is 7.7 GB of bf16 to write), under $MODELS;
+#   gen       generation_throughput.py on FunctionGemma-270M and Gemma-3-1B: $GEN_N prompts batched
+#             (batch size by memory) vs the first $GEN_SEQ one at a time (limit $T_GEN s);
+#   pipeline  pipeline_real_size.py --cold (or --warm with WARM=1) at the nightly size
+#             (FC/EXTRACTOR/CLASSIFIER/EVAL, defaults 4000/8000/4000/512), STEPS_CAP if set; it gets
+#             what is left of $BUDGET seconds (SIGINT first, so the JSON of finished runs stays).
+# Knobs (env): STAGES="build gen pipeline" BUDGET=585 T_GEN=120 GEN_N=512 GEN_SEQ=16 STEPS_CAP= WARM=
+set -uo pipefail
+OUT=${OUT:-$PWD/benchmarks/results/gpu_real_size}
+mkdir -p "$OUT"
+source scripts/gpu_unpack.sh
+MODELS=${MODELS:-${TMPDIR:-/tmp}/dagtune_models_real}
+STAGES=${STAGES:-"build gen pipeline"} BUDGET=${BUDGET:-585} T_GEN=${T_GEN:-120}
+GEN_N=${GEN_N:-512} GEN_SEQ=${GEN_SEQ:-16}
+FC=${FC:-4000} EXTRACTOR=${EXTRACTOR:-8000} CLASSIFIER=${CLASSIFIER:-4000} EVAL=${EVAL:-512}
+TOKS=()
+[ -d .bench_tokenizers ] && TOKS=(--tokenizer-cache .bench_tokenizers)
+t0=$(date +%s)
+stamp() { echo "[real_size $(($(date +%s) - t0))s] $*" | tee -a "$OUT/real_size.log"; }
+left() { echo $((BUDGET - ($(date +%s) - t0))); }
+
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$OUT/real_size.log"
+for s in $STAGES; do
+  case $s in
+  build)
+    for m in functiongemma-270m gemma-3-1b phi-4-mini; do
+      [ -f "$MODELS/$m/config.json" ] && continue
+      stamp "build $m"
+      python3 benchmarks/train_throughput.py --_build $m "$MODELS/$m" --device cuda "${TOKS[@]}" \
+        >>"$OUT/build.log" 2>&1 || stamp "build $m FAILED (see build.log)"
+    done
+    ;;
+  gen)
+    stamp "generation throughput (limit ${T_GEN}s)"
+    timeout -s INT -k 10 "$T_GEN" python3 benchmarks/generation_throughput.py --device cuda --n "$GEN_N" \
+      --n-sequential "$GEN_SEQ" --model-root "$MODELS" "${TOKS[@]}" --out "$OUT/generation_throughput.json" \
+      >"$OUT/generation_throughput.log" 2>&1
+    grep -aE "^(functiongemma|gemma3) |Error" "$OUT/generation_throughput.log" | tee -a "$OUT/real_size.log"
+    ;;
+  pipeline)
+    lim=$(left)
+    stamp "pipeline real size ${FC}/${EXTRACTOR}/${CLASSIFIER}/${EVAL} (limit ${lim}s)"
+    timeout -s INT -k 15 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
+      --fc "$FC" --extractor "$EXTRACTOR" --classifier "$CLASSIFIER" --eval "$EVAL" "${TOKS[@]}" \
+      ${STEPS_CAP:+--steps-cap "$STEPS_CAP"} $([ -n "${WARM:-}" ] && echo --warm) \
+      --state-dir "${TMPDIR:-/tmp}/dagtune_real_state" --out "$OUT/pipeline_real_size.json" \
+      >"$OUT/pipeline_real_size.driver.log" 2>&1
+    grep -aE "^(cold|warm):|wrote|Error" "$OUT/pipeline_real_size.driver.log" | tee -a "$OUT/real_size.log"
+    ;;
+  esac
+done
+stamp "done"

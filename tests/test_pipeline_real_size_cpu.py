@@ -1,0 +1,84 @@
+"""benchmarks/pipeline_real_size.py on the CPU (``--device cpu --tiny``): the same code path as the GPU
+call (config writing, the real Prefect flow through ``dagtune run --json``, per-node numbers read back
+from the manifests, the sampler thread), at a tiny nightly size. The proof the script works before the
+GPU call is made."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NODES = [
+    "prepare_data",
+    "train_function_calling",
+    "train_extractor",
+    "train_classifier",
+    "evaluate",
+    "convert_gguf",
+    "register",
+]
+# Two training steps leave near-flat logits, where Q8_0 rounding flips top-1 by chance (as in
+# tests/test_flow.py): parity itself is tested in tests/test_gguf*.py.
+OVERRIDE = {
+    "evaluate": {"max_new_tokens": 16},
+    "convert_gguf": {
+        "parity_prompts": 4,
+        "max_new_tokens": 4,
+        "min_top1_agreement": 0.0,
+        "min_template_greedy_match": 0.0,
+    },
+}
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "pipeline_real_size", ROOT / "benchmarks/pipeline_real_size.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["pipeline_real_size"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama_cpp (convert_gguf)")
+def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monkeypatch):
+    for var in ("DAGTUNE_STATE_DIR", "DAGTUNE_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "prs.json"
+    args = ["--device", "cpu", "--tiny", "--fc", "60", "--extractor", "60", "--classifier", "60"]
+    args += ["--eval", "8", "--steps-cap", "2", "--override", json.dumps(OVERRIDE), "--out", str(out)]
+    doc = _benchmark().main(args)
+    assert json.loads(out.read_text()) == doc
+    assert doc["device"].startswith("cpu (") and doc["profile"] == "tiny" and doc["steps_cap"] == 2
+    assert doc["nightly"] == {"fc": 60, "extractor": 60, "classifier": 60, "eval": 8}
+    (run,) = doc["runs"]
+    assert run["ok"], (run["error"], Path(run["log"]).read_text()[-3000:])
+    assert list(run["nodes"]) == NODES
+    for name, node in run["nodes"].items():
+        assert node["status"] == "ran", name
+        assert node["wall_s"] > 0 and node["started"] < node["finished"], name
+        # no GPU here: the sampler says why instead of inventing a busy fraction
+        assert node["gpu_busy_fraction"] is None and node["gpu_samples"] == 0
+    assert run["gpu"]["samples"] == 0 and run["gpu"]["error"]
+    for name in ("train_function_calling", "train_extractor", "train_classifier"):
+        node = run["nodes"][name]
+        assert set(node["phases"]) == {"load_s", "first_step_s", "steady_s", "merge_s", "save_s"}
+        assert node["compile_s"] == node["phases"]["first_step_s"]
+    assert run["nodes"]["evaluate"]["evaluation_s"] > 0
+    gguf = run["nodes"]["convert_gguf"]
+    assert set(gguf["gguf"]) == {"function_calling.q8_0", "extractor.q8_0"}
+    assert gguf["gguf_bytes"] == sum(f["bytes"] for f in gguf["gguf"].values()) > 0
+    assert all(f["parity_s"] > 0 for f in gguf["gguf"].values())
+    assert run["nodes"]["register"]["registration_s"] > 0
+    # the intervals follow the DAG: data before training, evaluation after all training, register last
+    n = run["nodes"]
+    trained = [n[t] for t in ("train_function_calling", "train_extractor", "train_classifier")]
+    assert all(n["prepare_data"]["finished"] <= t["started"] for t in trained)
+    assert all(t["finished"] <= n["evaluate"]["started"] for t in trained)
+    assert n["register"]["started"] >= max(n["evaluate"]["finished"], n["convert_gguf"]["finished"])
