@@ -253,8 +253,18 @@ class _TemplateCheck:
     ) -> None:
         """``dataset``: llama.cpp's ids of the dataset prompt and its greedy continuation (reused when
         the template renders the very same ids: llama.cpp is deterministic)."""
+        import jinja2
+
         dataset_ids, ll_gen = dataset
-        ids = render_with_gguf_template(llm, self.template or "", chat)
+        try:
+            ids = render_with_gguf_template(llm, self.template or "", chat)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:  # a template that cannot render it
+            self.matches.append(False)
+            if len(self.examples) < 5:
+                self.examples.append(
+                    {"prompt": len(self.matches) - 1, "render_error": f"{type(e).__name__}: {e}"}
+                )
+            return
         if ids == dataset_ids:
             self.same_ids += 1
         else:
@@ -274,6 +284,20 @@ class _TemplateCheck:
             "template_prompt_ids_equal_rate": self.same_ids / n,
             "template_mismatch_examples": self.examples,
         }
+
+
+def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None) -> Any:
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(gguf_file),
+        logits_all=True,
+        n_ctx=n_ctx,
+        n_batch=min(n_ctx, 2048),
+        n_threads=n_threads,
+        seed=0,
+        verbose=False,
+    )
 
 
 def _hf_model(hf_model_dir: Path, device: str) -> Any:
@@ -396,34 +420,15 @@ def parity_check(
     n_threads: int | None = None,
     max_mismatch_records: int = 20,
 ) -> dict[str, Any]:
-    """Compare an HF model directory with its GGUF export on ``prompts`` (checks (a)-(d), module doc).
-
-    Args:
-        hf_model_dir: the HF model the GGUF was converted from (loaded in float32, eager attention).
-        gguf_file: GGUF file (any type llama.cpp loads: F16, BF16, Q8_0, ...).
-        prompts: prompt texts, typically chat-template renderings (a leading ``<bos>`` is handled).
-        max_new_tokens: greedy generation length compared in (c) and (d).
-        min_top1_agreement: ``passed`` needs top-1 agreement over all prompt positions >= this.
-        top1_tie_tolerance: a disagreement where HF's own logits for its top-1 and for llama.cpp's top-1
-            differ by at most this is a near-tie: it counts as agreement and is reported. 0 = strict.
-        min_greedy_exact_match: if set, ``passed`` also needs the greedy exact-match rate >= this.
-        chats: the conversations ``prompts`` were rendered from (same order): runs (d).
-        min_template_greedy_match: (d)'s threshold.
-        device: where the HF reference runs (float32 either way; TF32 is off during the check).
-        n_threads: llama.cpp threads (default: llama-cpp-python's, half the cores).
-        max_mismatch_records: at most this many token-id mismatches are described in the result.
-
-    Returns:
-        A flat dict for a manifest: ``n_prompts``, ``token_ids_match_rate``, ``n_token_id_mismatches``,
-        ``top1_agreement_all_positions`` (+ ``_ties_ok``, the gate), ``n_positions``, ``top1_agreement``
-        (+ ``_ties_ok``: last position), ``top1_disagreements`` (last position), ``max_abs_logit_diff``,
-        ``mean_abs_logit_diff``, ``max_abs_logit_diff_all_positions``, ``hf_logit_absmax``,
-        ``hf_top1_margin_min``, ``greedy_exact_match_rate``, ``greedy_token_agreement``; with ``chats``
-        ``template_embedded``, ``template_greedy_match_rate``, ``template_prompt_ids_equal_rate``,
-        ``template_mismatch_examples``; ``passed``, ``failures`` (reasons), ``seconds``,
-        ``token_id_mismatches`` (a short list).
-    """
-    import llama_cpp
+    """Compare an HF model directory (float32, eager attention, on ``device``; TF32 off) with its GGUF
+    export on ``prompts`` (checks (a)-(d) of the module doc; ``chats``, the conversations ``prompts``
+    were rendered from, in the same order, turn on (d)). ``passed`` needs identical token ids, top-1
+    agreement over all prompt positions (near-ties within ``top1_tie_tolerance`` count as agreement)
+    >= ``min_top1_agreement``, and where set the greedy exact-match rate >= ``min_greedy_exact_match``
+    and (d)'s rate >= ``min_template_greedy_match``. Returns a flat dict for a manifest: the rates and
+    logit differences above (``top1_agreement_all_positions[_ties_ok]``, ``n_positions``, last-position
+    ``top1_agreement[_ties_ok]``, ``greedy_exact_match_rate``, ``template_*``...), ``passed``,
+    ``failures`` (reasons), ``seconds`` and up to ``max_mismatch_records`` ``token_id_mismatches``."""
     import torch
     from transformers import AutoTokenizer
 
@@ -441,15 +446,7 @@ def parity_check(
     n_ctx = max(256, max(len(x) for x in ll_ids_all) + max_new_tokens + 16)
     if chats is not None:
         n_ctx += 256  # a rendering by another template may be a little longer
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_file),
-        logits_all=True,
-        n_ctx=n_ctx,
-        n_batch=min(n_ctx, 2048),
-        n_threads=n_threads,
-        seed=0,
-        verbose=False,
-    )
+    llm = _open_llama(gguf_file, n_ctx, n_threads)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference stays float32 on a GPU
     try:
@@ -473,17 +470,17 @@ def parity_check(
         "gguf_file": str(gguf_file),
         "token_id_mismatches": mismatches[:max_mismatch_records],
     }
-    failures = _failures(
-        result,
-        n,
-        len(mismatches),
-        min_top1_agreement,
-        min_greedy_exact_match,
-        min_template_greedy_match if chats is not None else None,
+    min_template = min_template_greedy_match if chats is not None else None
+    result["failures"] = _failures(
+        result, n, len(mismatches), min_top1_agreement, min_greedy_exact_match, min_template
     )
-    result["failures"] = failures
-    result["passed"] = not failures
+    result["passed"] = not result["failures"]
     result["seconds"] = round(time.perf_counter() - t_start, 3)
+    _log_result(gguf_file, result)
+    return result
+
+
+def _log_result(gguf_file: Path, result: dict[str, Any]) -> None:
     logger.info(
         "parity %s: ids %.3f top1(all) %s maxdiff %.3g greedy %.3f template %s -> %s",
         gguf_file.name,
@@ -494,4 +491,3 @@ def parity_check(
         result.get("template_greedy_match_rate"),
         "PASS" if result["passed"] else "FAIL",
     )
-    return result
