@@ -225,8 +225,8 @@ def node_record(row: dict[str, Any], sampler: GpuSampler, slots: dict[str, float
         rec.update(started=work, finished=finished, wall_s=round(finished - work, 3))
         rec["slot_wait_s"] = round(work - started, 3)
         rec.update(sampler.window(work, finished))
-    else:
-        rec.update(started=started, finished=finished, wall_s=t.get("seconds"))
+    else:  # cached: nothing ran in this run; the numbers below are those of the run that built it
+        rec.update(wall_s=None, built_wall_s=t.get("seconds"))
     name = row["name"]
     if name in TRAINING:
         rec.update(_training_numbers(manifest))
@@ -314,6 +314,41 @@ def _summary_line(run: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def _cell(x: Any, fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def markdown_table(run: dict[str, Any]) -> str:
+    """The README's per-node table of one run."""
+    lines = [
+        f"{run['label']} run: DAG {run['dag_wall_s']} s, ok {run['ok']}",
+        "",
+        "| node | status | wall s | load s | first step (compile) s | steady s | merge s | save s "
+        "| steady tok/s | peak GiB | GPU busy | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, n in run["nodes"].items():
+        ph = n.get("phases") or {}
+        other = ""
+        if name == "evaluate":
+            other = f"evaluation {_cell(n.get('evaluation_s'))} s"
+        elif name == "convert_gguf":
+            other = "; ".join(
+                f"{k}: {_cell((f['bytes'] or 0) / 1e9, '{:.2f}')} GB, convert {_cell(f['convert_s'])} s, "
+                f"quantize {_cell(f['quantize_s'])} s, parity {_cell(f['parity_s'])} s"
+                for k, f in (n.get("gguf") or {}).items()
+            )
+        elif name == "register":
+            other = f"registration {_cell(n.get('registration_s'))} s"
+        lines.append(
+            f"| {name} | {n['status']} | {_cell(n.get('wall_s'))} | "
+            + " | ".join(_cell(ph.get(k)) for k in PHASES)
+            + f" | {_cell(n.get('steady_tokens_per_s'), '{:,.0f}')} | {_cell(n.get('peak_mem_gib'), '{:.2f}')} "
+            f"| {_cell(n.get('gpu_busy_fraction'), '{:.0%}')} | {other} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -373,7 +408,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(_summary_line(run), flush=True)
     doc["device"] = device_name(args.device)
     out.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {out}")
+    table = f"Device: {doc['device']}\n\n" + "\n".join(markdown_table(r) for r in doc["runs"])
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return doc
 
 
