@@ -114,3 +114,43 @@ def test_lost_or_changed_template_fails_the_node(cfg, variant, message):
     assert "function_calling f16" in str(err.value)
     assert not list(Path(cfg.artifact_root).glob("convert_gguf/*/manifest.json"))  # nothing committed
     assert "top-1" not in str(err.value)  # the logits agree: only the template check fails
+
+
+def test_top1_over_all_positions_counts_near_ties():
+    import numpy as np
+
+    from dagtune.gguf.parity import _Top1
+
+    hf = np.array([[5.0, 1.0, 0.0], [2.0, 1.98, 0.0], [0.0, 3.0, 1.0], [4.0, 0.0, 3.0]])
+    ll = np.array([[5.0, 1.0, 0.0], [1.9, 2.0, 0.0], [0.0, 1.0, 3.0], [4.0, 0.0, 3.0]])
+    acc = _Top1(tolerance=0.05)
+    acc.add(hf, ll)
+    # position 1 flips between near-equal candidates (gap 0.02): a tie; position 2 is a real flip (gap 2)
+    assert (acc.n, acc.hits, acc.ties) == (4, 2, 1)
+    assert acc.strict() == 0.5 and acc.ties_ok() == 0.75 and acc.max_diff == 2.0
+
+
+def test_failure_messages_name_the_template_problem():
+    from dagtune.gguf.parity import _failures
+
+    base = {
+        "top1_agreement_all_positions": 1.0,
+        "top1_agreement_all_positions_ties_ok": 1.0,
+        "n_positions": 10,
+        "top1_tie_tolerance": 0.05,
+        "top1_agreement": 1.0,
+        "max_abs_logit_diff_all_positions": 0.0,
+        "greedy_exact_match_rate": 1.0,
+    }
+    missing = {**base, "template_embedded": False, "template_greedy_match_rate": 0.0}
+    assert "no embedded chat template" in _failures(missing, 4, 0, 0.98, None, 0.95)[0]
+    changed = {
+        **base,
+        "template_embedded": True,
+        "template_greedy_match_rate": 0.5,
+        "template_prompt_ids_equal_rate": 0.0,
+    }
+    assert "lost or changed in conversion" in _failures(changed, 4, 0, 0.98, None, 0.95)[0]
+    assert _failures({**changed, "template_greedy_match_rate": 0.96}, 4, 0, 0.98, None, 0.95) == []
+    low = {**base, "top1_agreement_all_positions_ties_ok": 0.9, "top1_agreement_all_positions": 0.8}
+    assert "over all 10 prompt positions 0.9000 < 0.98" in _failures(low, 4, 0, 0.98, None, None)[0]
