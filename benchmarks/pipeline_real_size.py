@@ -334,7 +334,7 @@ def markdown_table(run: dict[str, Any]) -> str:
             other = f"evaluation {_cell(n.get('evaluation_s'))} s"
         elif name == "convert_gguf":
             other = "; ".join(
-                f"{k}: {_cell((f['bytes'] or 0) / 1e9, '{:.2f}')} GB, convert {_cell(f['convert_s'])} s, "
+                f"{k}: {_cell((f['bytes'] or 0) / 1e6, '{:,.1f}')} MB, convert {_cell(f['convert_s'])} s, "
                 f"quantize {_cell(f['quantize_s'])} s, parity {_cell(f['parity_s'])} s"
                 for k, f in (n.get("gguf") or {}).items()
             )
@@ -361,6 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--cold", dest="warm", action="store_false", help="one run, fresh state (default)")
     mode.add_argument("--warm", dest="warm", action="store_true", help="a second run on the warm cache")
+    ap.set_defaults(warm=False)  # both flags share the dest: without this --cold's False-action sets True
     ap.add_argument("--override", default=None, help="JSON deep-merged into the profile last")
     ap.add_argument("--state-dir", default=None, help="default: a fresh dir next to --out")
     ap.add_argument("--model-root", default="/tmp/dagtune_models_real", help="where real shapes are built")
