@@ -90,7 +90,9 @@ def test_embedded_template_renders_the_training_prompts(cfg):
     art, res = pipeline.run_node("convert_gguf", cfg, _upstream(store, "intact"))
     p = art.manifest()["metrics"]["function_calling"]["f16"]["parity"]
     assert res.status == "ran" and p["passed"], p["failures"]
-    assert p["n_prompts"] == N_PROMPTS and p["n_positions"] > 50 * N_PROMPTS  # tool declarations: long prompts
+    assert (
+        p["n_prompts"] == N_PROMPTS and p["n_positions"] > 50 * N_PROMPTS
+    )  # tool declarations: long prompts
     assert p["template_embedded"] and p["template_prompt_ids_equal_rate"] == 1.0
     assert p["template_greedy_match_rate"] == 1.0
     assert p["top1_agreement_all_positions_ties_ok"] >= 0.98
