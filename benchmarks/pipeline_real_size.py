@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -271,22 +272,37 @@ def run_flow(
     sampler = GpuSampler(args.sample_s)
     sampler.start()
     t0 = time.time()
+    interrupted = False
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            stdout, _ = proc.communicate()
+        except KeyboardInterrupt:  # the device's time limit: keep what finished, stop the flow
+            # `timeout` signals the whole process group, more than once as the flow shuts down: from
+            # here on this process only cleans up and writes the JSON.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            proc.terminate()
+            stdout, interrupted = "", True
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     wall = time.time() - t0
     sampler.stop()
     try:
-        out = json.loads(proc.stdout)
+        out = json.loads(stdout)
     except json.JSONDecodeError:
         out = {
             "ok": False,
-            "error": f"no JSON on stdout (exit {proc.returncode}); see {log_path}",
-            "nodes": [],
+            "error": f"no JSON on stdout (exit {proc.returncode}, interrupted?); see {log_path}",
+            "nodes": finished_rows(state, t0),
         }
     slots = slot_times(log_path.read_text(errors="replace"))
     nodes = {row["name"]: node_record(row, sampler, slots) for row in out.get("nodes", [])}
     return {
         "label": label,
+        "interrupted": interrupted,
         "ok": bool(out.get("ok")) and proc.returncode == 0,
         "error": out.get("error"),
         "exit_code": proc.returncode,
@@ -296,6 +312,24 @@ def run_flow(
         "nodes": nodes,
         "log": str(log_path),
     }
+
+
+def finished_rows(state: Path, since: float) -> list[dict[str, Any]]:
+    """CLI-like rows of the nodes whose manifest was written after ``since`` (a run cut short)."""
+    from dagtune.pipeline import NODE_ORDER
+
+    rows = []
+    for name in NODE_ORDER:
+        done = [
+            m
+            for m in (state / "artifacts" / name).glob("*/manifest.json")
+            if json.loads(m.read_text()).get("timings", {}).get("finished", 0) >= since
+        ]
+        if done:
+            rows.append({"name": name, "status": "ran", "seconds": 0.0, "artifact": str(done[0].parent)})
+        else:
+            rows.append({"name": name, "status": "not finished", "seconds": 0.0, "artifact": None})
+    return rows
 
 
 def device_name(device: str) -> str:
@@ -407,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         doc["runs"].append(run)
         out.write_text(json.dumps(doc, indent=1))
         print(_summary_line(run), flush=True)
+        if run["interrupted"]:
+            break
     doc["device"] = device_name(args.device)
     out.write_text(json.dumps(doc, indent=1))
     table = f"Device: {doc['device']}\n\n" + "\n".join(markdown_table(r) for r in doc["runs"])
