@@ -173,8 +173,8 @@ def _training_numbers(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "phases": phases,
         "compile_s": phases["first_step_s"],
-        "steady_tokens_per_s": metrics.get("steady_tokens_per_s"),
-        "peak_mem_gib": metrics.get("peak_mem_gib"),
+        "steady_tokens_per_s": timings.get("steady_tokens_per_s", metrics.get("steady_tokens_per_s")),
+        "peak_mem_gib": timings.get("peak_mem_gib", metrics.get("peak_mem_gib")),
         "train_seconds": metrics.get("train_seconds"),
     }
 

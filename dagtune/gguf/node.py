@@ -79,8 +79,8 @@ def _base_dir(ctx: NodeContext, train_node: str) -> Path:
 
 
 def build(ctx: NodeContext) -> dict[str, Any]:
-    from dagtune.evaluation.generate import resolve_device
     from dagtune.gguf import convert_hf_to_gguf, parity_check, quantize
+    from dagtune.runtime import resolve_device
 
     cfg = ctx.section
     device = resolve_device(ctx.runtime.device)
