@@ -53,16 +53,16 @@ def _training(out: Path, store: ArtifactStore, variant: str) -> None:
 def _upstream(store: ArtifactStore, variant: str) -> dict:
     config = {"function_calling": {"developer_prompt": DEVELOPER}}
     ups = {}
-    ups["prepare_data"], _ = store.build_once(
+    ups["prepare_data"], _ = store.build(
         "prepare_data", {"standin": "template", "config": config}, lambda out, _s: _prepare_data(out, store)
     )
     model = {"model": {"name": "tiny-functiongemma"}}
-    ups["train_function_calling"], _ = store.build_once(
+    ups["train_function_calling"], _ = store.build(
         "train_function_calling",
         {"standin": variant, "config": model},
         lambda out, _s: _training(out, store, variant),
     )
-    ups["train_extractor"], _ = store.build_once(
+    ups["train_extractor"], _ = store.build(
         "train_extractor", {"standin": "unused"}, lambda out, _s: (out / "unused").write_text("-")
     )
     return ups
