@@ -10,6 +10,8 @@
 #             is 7.7 GB of bf16 to write), under $MODELS;
 #   gen       generation_throughput.py on FunctionGemma-270M and Gemma-3-1B: $GEN_N prompts batched
 #             (batch size by memory) vs the first $GEN_SEQ one at a time (limit $T_GEN s);
+#   wait_models  wait for another lane's build (gpu_real_size_x2.sh);
+#   seed      the seed recipe (8 x 4 accumulated, checkpointing on) for SEED_STEPS steps per trainer;
 #   pipeline  pipeline_real_size.py --cold (or --warm with WARM=1) at the nightly size
 #             (FC/EXTRACTOR/CLASSIFIER/EVAL, defaults 4000/8000/4000/512), STEPS_CAP if set; it gets
 #             what is left of $BUDGET seconds (SIGINT first, so the JSON of finished runs stays).
@@ -17,7 +19,7 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/benchmarks/results/gpu_real_size}
 mkdir -p "$OUT"
-source scripts/gpu_unpack.sh
+[ -n "${DAGTUNE_GPU_UNPACKED:-}" ] || source scripts/gpu_unpack.sh  # gpu_real_size_x2.sh unpacks once
 MODELS=${MODELS:-${TMPDIR:-/tmp}/dagtune_models_real}
 STAGES=${STAGES:-"build gen pipeline"} BUDGET=${BUDGET:-585} T_GEN=${T_GEN:-120}
 GEN_N=${GEN_N:-512} GEN_SEQ=${GEN_SEQ:-16}
@@ -38,6 +40,25 @@ for s in $STAGES; do
       python3 benchmarks/train_throughput.py --_build $m "$MODELS/$m" --device cuda "${TOKS[@]}" \
         >>"$OUT/build.log" 2>&1 || stamp "build $m FAILED (see build.log)"
     done
+    touch "$MODELS/.built"
+    ;;
+  wait_models)
+    stamp "waiting for the models (built by the other lane)"
+    while [ ! -f "$MODELS/.built" ] && [ "$(left)" -gt 60 ]; do sleep 5; done
+    ;;
+  seed)
+    # The seed recipe on the same examples, for the speed-up: micro-batch 8 padded to the longest,
+    # gradient accumulation 4 (32 examples per step), gradient checkpointing on; SEED_STEPS steps.
+    lim=$(left)
+    stamp "seed recipe, ${SEED_STEPS:-30} steps per trainer (limit ${lim}s)"
+    seed='{"train_function_calling": {"optim": {"batch_size": 8, "grad_accum": 4}},
+           "train_extractor": {"optim": {"batch_size": 8, "grad_accum": 4}, "gradient_checkpointing": true},
+           "train_classifier": {"optim": {"batch_size": 8, "grad_accum": 4}}}'
+    timeout -s INT -k 15 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
+      --fc "$FC" --extractor "$EXTRACTOR" --classifier "$CLASSIFIER" --eval 16 "${TOKS[@]}" \
+      --steps-cap "${SEED_STEPS:-30}" --override "$seed" --state-dir "${TMPDIR:-/tmp}/dagtune_seed_state" \
+      --out "$OUT/pipeline_seed_recipe.json" >"$OUT/pipeline_seed_recipe.driver.log" 2>&1
+    grep -aE "^(cold|warm):|wrote|Error" "$OUT/pipeline_seed_recipe.driver.log" | tee -a "$OUT/real_size.log"
     ;;
   gen)
     stamp "generation throughput (limit ${T_GEN}s)"

@@ -243,6 +243,31 @@ def node_record(row: dict[str, Any], sampler: GpuSampler, slots: dict[str, float
 # ----------------------------------------------------------------------------------------------
 # runs
 # ----------------------------------------------------------------------------------------------
+def _communicate_until_stopped(proc: subprocess.Popen, grace_s: float = 15.0) -> tuple[str, bool]:
+    """The child's stdout, and whether the device's time limit (SIGINT, sent by `timeout` to the whole
+    process group, often more than once) stopped it: then the flow is terminated, killed after
+    ``grace_s``, and this process goes on to write the JSON of what finished."""
+    stopped_at: list[float] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if not stopped_at:
+            stopped_at.append(time.time())
+            proc.terminate()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while True:
+            try:
+                stdout, _ = proc.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                if stopped_at and time.time() - stopped_at[0] > grace_s:
+                    proc.kill()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return stdout, bool(stopped_at)
+
+
 def run_flow(
     args: argparse.Namespace, cfg_path: Path, profile: str, state: Path, force: list[str], label: str
 ) -> dict[str, Any]:
@@ -272,22 +297,9 @@ def run_flow(
     sampler = GpuSampler(args.sample_s)
     sampler.start()
     t0 = time.time()
-    interrupted = False
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            stdout, _ = proc.communicate()
-        except KeyboardInterrupt:  # the device's time limit: keep what finished, stop the flow
-            # `timeout` signals the whole process group, more than once as the flow shuts down: from
-            # here on this process only cleans up and writes the JSON.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            proc.terminate()
-            stdout, interrupted = "", True
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stdout, interrupted = _communicate_until_stopped(proc)
     wall = time.time() - t0
     sampler.stop()
     try:
