@@ -122,6 +122,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             from dagtune.staleness import describe
 
             extra = "not built: " + describe(r.get("reasons", []))
+            if r.get("problem"):
+                extra += f" ({r['problem']}: rebuilt by the next run)"
         print(f"  {r['name']:<24} {r['key'][:12]}  {extra}")
     return 0
 

@@ -304,24 +304,29 @@ def training_slot(lock_dir: Path, slots: int, name: str) -> Iterator[None]:
 
 
 def node_status(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """For `dagtune status`: each node's key, whether its artifact exists, size and age; for a node not
-    built, why (``reasons``: data / code / config / upstream / missing, see dagtune.staleness)."""
+    """For `dagtune status`: each node's key, whether its artifact exists (and is intact), size and age;
+    for a node not built, why (``reasons``: data / code / config / upstream / missing, see
+    dagtune.staleness) and, for a damaged artifact, its ``problem``. Read-only: a damaged artifact is
+    only moved aside by a run that rebuilds it."""
     from dagtune.staleness import why_not_built
-    from dagtune.store import dir_size
+    from dagtune.store import artifact_problem, dir_size, read_manifest
 
     store = ArtifactStore(cfg.artifact_root)
     rows = []
     for name, p in plan(cfg).items():
-        art = store.get(name, p["key"])
-        row: dict[str, Any] = {"name": name, "key": p["key"], "exists": art is not None, "artifact": None}
-        if art is None:  # what differs from the newest artifact of this node: data, code, config, ...
-            row["reasons"] = why_not_built(store, name, p["inputs"])
-        if art:
-            m = art.manifest()
+        d = store.path(name, p["key"])
+        problem = artifact_problem(d)
+        row: dict[str, Any] = {"name": name, "key": p["key"], "exists": problem is None, "artifact": None}
+        if problem is None:
+            finished = (read_manifest(d) or {}).get("timings", {}).get("finished", time.time())
             row.update(
-                artifact=art.path,
-                size_bytes=dir_size(art.dir),
-                age_seconds=round(time.time() - m["timings"]["finished"], 1),
+                artifact=str(d),
+                size_bytes=dir_size(d),
+                age_seconds=round(time.time() - finished, 1),
             )
+        else:  # what differs from the newest artifact of this node: data, code, config, ...
+            row["reasons"] = why_not_built(store, name, p["inputs"])
+            if problem != "not built":
+                row["problem"] = problem
         rows.append(row)
     return rows

@@ -36,7 +36,11 @@ def cache_record_key(
     """Prefect cache key: a path inside the artifact dir; None (no cache) when the node is forced."""
     if name in (force or []):
         return None
-    return f"{name}/{node_key(name, cfg, upstream)}/{PREFECT_RECORD}"
+    key = node_key(name, cfg, upstream)
+    # Verify before Prefect looks its record up: a damaged artifact is moved aside with the record
+    # inside it, so Prefect runs the task (which rebuilds) instead of serving a cached result.
+    ArtifactStore(cfg.artifact_root).get(name, key)
+    return f"{name}/{key}/{PREFECT_RECORD}"
 
 
 def run_task(

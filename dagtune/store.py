@@ -2,9 +2,12 @@
 
 Every node writes into ``<root>/<node>/<key>/``. The key is the sha256 of the canonical JSON of the
 node's inputs (name, code version, its config section, upstream artifact keys). A directory counts as
-present only when its ``manifest.json`` exists; the manifest is written last inside a temporary
-directory which is then renamed into place, so a killed run never leaves a half artifact that looks
-complete. A file lock per key makes concurrent runs of the same config compute each key once.
+present only when its ``manifest.json`` parses and every file it lists still matches: the manifest is
+written last inside a temporary directory which is then fsynced and renamed into place, so a killed run
+never leaves a half artifact that looks complete. On reuse every listed file is checked against the
+manifest (size always; sha256 for small files, and for large ones whenever size or mtime moved), so a
+corrupt or deleted file is never served: the artifact is moved aside with a logged reason and rebuilt.
+A file lock per key makes concurrent runs of the same config compute each key once.
 
 The root is a local path today; everything goes through ``ArtifactStore`` so an fsspec backend can
 replace the path operations later without touching the nodes.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -28,6 +32,10 @@ from typing import Any
 from filelock import FileLock
 
 MANIFEST = "manifest.json"
+# Files up to this size are re-hashed on every reuse; larger ones (merged weights, GGUF) only when their
+# size or mtime differs from the manifest, which a copy without -p or any in-place write changes.
+ALWAYS_HASH_BYTES = 32 << 20
+log = logging.getLogger("dagtune")
 # Prefect keeps its task-cache record next to the artifact (see tasks/_node.py): deleting an artifact
 # directory then also invalidates Prefect's cache entry for it.
 PREFECT_RECORD = "prefect-result"
@@ -76,6 +84,10 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+class ArtifactError(RuntimeError):
+    """A build produced something an artifact may not hold."""
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A reference to a finished artifact: what nodes pass to each other (never models in memory)."""
@@ -90,6 +102,87 @@ class Artifact:
 
     def manifest(self) -> dict[str, Any]:
         return json.loads((self.dir / MANIFEST).read_text())
+
+    def files(self) -> list[str]:
+        """The relative paths the manifest lists: the artifact's content (nothing else in the dir)."""
+        return [f["path"] for f in self.manifest()["files"]]
+
+
+def read_manifest(d: Path) -> dict[str, Any] | None:
+    """The manifest of an artifact dir, or None when it is missing, empty, truncated or not a manifest
+    (a run killed while writing it, a disk-full write): such a dir is "not built", never a crash."""
+    try:
+        m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("files"), list):
+        return None
+    return m
+
+
+def _file_problem(d: Path, entry: dict[str, Any]) -> str | None:
+    """Why one manifest entry does not match the file on disk, or None when it does."""
+    rel = entry.get("path")
+    if not isinstance(rel, str) or rel.startswith("/") or ".." in Path(rel).parts:
+        return f"bad manifest entry {rel!r}"
+    p = d / rel
+    try:
+        st = p.lstat()
+    except OSError:
+        return f"{rel}: missing"
+    if not os.path.isfile(p) or p.is_symlink():
+        return f"{rel}: not a regular file"
+    if st.st_size != entry.get("size"):
+        return f"{rel}: size {st.st_size} != manifest {entry.get('size')}"
+    same_mtime = entry.get("mtime_ns") == st.st_mtime_ns
+    if same_mtime and st.st_size > ALWAYS_HASH_BYTES:
+        return None
+    if sha256_file(p) != entry.get("sha256"):
+        return f"{rel}: sha256 differs from the manifest"
+    if not same_mtime and isinstance(entry.get("mtime_ns"), int):
+        # Content verified (a copied store): restore the recorded mtime so the fast path holds again.
+        with _ignore_oserror():
+            os.utime(p, ns=(st.st_atime_ns, entry["mtime_ns"]))
+    return None
+
+
+@contextmanager
+def _ignore_oserror() -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        pass
+
+
+def artifact_problem(d: Path) -> str | None:
+    """None when ``d`` is a complete, intact artifact; otherwise why it is not (for logs and status)."""
+    m = read_manifest(d)
+    if m is None:
+        return "no readable manifest" if (d / MANIFEST).exists() else "not built"
+    for entry in m["files"]:
+        problem = _file_problem(d, entry) if isinstance(entry, dict) else "bad manifest entry"
+        if problem:
+            return problem
+    return None
+
+
+def fsync_tree(d: Path) -> None:
+    """Flush every file and directory under ``d`` (and ``d``) to disk, so the rename that publishes it
+    can never point at content still in the page cache after a power loss."""
+    for p in sorted(d.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        if p.is_file() and not p.is_symlink():
+            _fsync_path(p, os.O_RDONLY)
+        elif p.is_dir() and not p.is_symlink():
+            _fsync_path(p, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_path(d, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_path(p: Path, flags: int) -> None:
+    fd = os.open(p, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
     def to_dict(self) -> dict[str, str]:
         return {"node": self.node, "key": self.key, "path": self.path}
@@ -107,16 +200,30 @@ class ArtifactStore:
         return self.root / ".locks" / f"{node}-{key}.lock"
 
     def get(self, node: str, key: str) -> Artifact | None:
+        """The verified artifact, or None. A dir that fails verification is moved aside (into
+        ``.tmp``, which also drops Prefect's cache record inside it) so the key is rebuilt."""
         d = self.path(node, key)
-        if (d / MANIFEST).is_file():
+        if not d.exists():
+            return None
+        problem = artifact_problem(d)
+        if problem is None:
             return Artifact(node, key, str(d))
+        if problem != "not built":
+            log.warning("artifact %s/%s is not reused (%s): it will be rebuilt", node, key[:12], problem)
+            self.quarantine(node, key)
         return None
+
+    def quarantine(self, node: str, key: str) -> None:
+        trash = self.root / ".tmp" / f"corrupt-{node}-{key}-{uuid.uuid4().hex[:8]}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        with _ignore_oserror():  # another process may have moved or rebuilt it first
+            os.replace(self.path(node, key), trash)
 
     def list_keys(self, node: str) -> list[str]:
         d = self.root / node
         if not d.is_dir():
             return []
-        return sorted(p.name for p in d.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in d.iterdir() if read_manifest(p) is not None)
 
     # -- writing ------------------------------------------------------------------------------
     @contextmanager
@@ -144,12 +251,18 @@ class ArtifactStore:
         """Hash the files, write the manifest last, then rename the temp dir into place."""
         files = []
         for p in sorted(tmp.rglob("*")):
+            if p.is_symlink():
+                # An artifact holds its own bytes: a link would let a reuse or an upload read (and a
+                # manifest vouch for) whatever the link points at later.
+                raise ArtifactError(f"node {node} wrote a symlink into its artifact: {p.relative_to(tmp)}")
             if p.is_file():
+                st = p.stat()
                 files.append(
                     {
                         "path": p.relative_to(tmp).as_posix(),
                         "sha256": sha256_file(p),
-                        "size": p.stat().st_size,
+                        "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns,
                     }
                 )
         manifest = {
@@ -170,6 +283,7 @@ class ArtifactStore:
         tmp_manifest = tmp / (MANIFEST + ".part")
         tmp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
         os.replace(tmp_manifest, tmp / MANIFEST)
+        fsync_tree(tmp)
         final = self.path(node, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # a stale dir without manifest (killed run) or a forced rebuild
@@ -177,6 +291,7 @@ class ArtifactStore:
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync_path(final.parent, os.O_RDONLY | os.O_DIRECTORY)  # the rename itself is durable
         return Artifact(node, key, str(final))
 
     def build(

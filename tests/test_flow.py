@@ -147,6 +147,26 @@ def test_force_recomputes_one_node(built):
     assert [(n["name"], n["status"]) for n in out["nodes"]][0] == (NODE_ORDER[0], "ran")
 
 
+def test_corrupt_merged_weights_are_not_served_through_prefects_cache(built):
+    """A flipped byte in a cached merged model (mtime kept) and a deleted file: the next run moves each
+    damaged artifact aside and recomputes exactly that node; nothing downstream consumed it."""
+    from tests.test_reliability import _flip
+
+    state, first = built
+    arts = {n["name"]: Path(n["artifact"]) for n in first["nodes"]}
+    weights = arts["train_extractor"] / "merged" / "model.safetensors"
+    _flip(weights, offset=weights.stat().st_size // 2)
+    (arts["prepare_data"] / "stats.json").unlink()
+    out = _run_json(state)
+    ran = {n["name"] for n in out["nodes"] if n["status"] == "ran"}
+    assert ran == {"prepare_data", "train_extractor"}, out
+    assert [n["key"] for n in out["nodes"]] == [n["key"] for n in first["nodes"]]
+    assert (arts["prepare_data"] / "stats.json").is_file()
+    from dagtune.store import artifact_problem
+
+    assert artifact_problem(weights.parent.parent) is None
+
+
 def test_sigkill_mid_write_then_rerun(tmp_path):
     state = tmp_path / "state"
     env = _env(state)
