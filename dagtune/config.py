@@ -20,8 +20,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipeline_config.yaml"
 
 
+# Hostile-input bounds. A config is a few hundred values; anything past these is a mistake or an attack
+# (a YAML alias bomb of 9 levels of 9 anchors expands to 387M values).
+MAX_CONFIG_VALUES = 100_000
+# No numeric field means anything near this; tighter per-field bounds (le=) stop what would exhaust memory.
+MAX_NUMBER = 2**32
+EXCERPT_CHARS = 120
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_number(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > MAX_NUMBER:
+            raise ValueError(f"must be at most {MAX_NUMBER} in magnitude")
+        return v
 
 
 def F(default: Any = ..., description: str = "", **kw: Any) -> Any:  # noqa: N802 - short on purpose
@@ -100,7 +115,7 @@ class SourceConfig(Section):
         "sha at plan time; the sha enters the key and is the revision loaded (offline: the last sha the "
         "local HF cache recorded, with a warning). Ignored for a local save_to_disk directory.",
     )
-    num_examples: int = F(600, "kind=synthetic: how many examples to generate.", ge=1)
+    num_examples: int = F(600, "kind=synthetic: how many examples to generate.", ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _needs(self) -> SourceConfig:
@@ -180,6 +195,18 @@ class PrepareDataConfig(Section):
         gt=0,
         le=1,
     )
+    max_row_chars: int = F(
+        100_000,
+        "Rows of a file or HF source with more characters than this (text of all fields) are bad rows: a "
+        "single huge row would otherwise go into training whole.",
+        ge=1,
+        le=100_000_000,
+    )
+    drop_duplicates: bool = F(
+        True,
+        "Drop exact duplicates (same rendered text) within each split, keeping the first; either way "
+        "stats.json counts them per split, with the rows holding NUL bytes.",
+    )
     function_calling: FunctionCallingDataConfig = F(
         default_factory=FunctionCallingDataConfig, description="Arabic function-calling data (FunctionGemma)."
     )
@@ -239,7 +266,7 @@ class OptimConfig(Section):
     max_warmup_fraction: float = F(
         0.1, "Warmup is capped to this fraction of the total steps so small datasets still train.", ge=0, le=1
     )
-    epochs: float = F(1.0, "Passes over the training split.", gt=0)
+    epochs: float = F(1.0, "Passes over the training split.", gt=0, le=10_000)
     max_steps: int | None = F(None, "Stop after this many optimizer steps (overrides epochs).", ge=1)
     batch_size: int = F(8, "Examples per micro-batch.", ge=1)
     grad_accum: int = F(4, "Micro-batches per optimizer step.", ge=1)
@@ -584,37 +611,121 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A bounded picture of a config value for error messages (never the repr of a huge value)."""
+    if isinstance(value, dict):
+        return f"{{...{len(value)} keys}}"
+    if isinstance(value, (list, tuple)):
+        return f"[...{len(value)} items]"
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"...({len(value)} chars)"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def clip(text: str, limit: int = 500) -> str:
+    """A message part cut to ``limit`` characters (parser messages quote the offending line)."""
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
 def _format_errors(err: ValidationError, source: str, profile: str) -> str:
     lines = [f"invalid config {source} (profile {profile!r}):"]
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:50]:
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        value = e.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        shown = excerpt(e.get("input"))
         if e["type"] == "missing":
             lines.append(f"  {path}: required field is missing")
         elif e["type"] == "extra_forbidden":
             lines.append(f"  {path}: unknown field (value {shown}); check spelling against the schema")
         else:
-            lines.append(f"  {path}: {msg} (got {shown})")
+            lines.append(f"  {path}: {clip(e['msg'], 300)} (got {shown})")
+    if len(errors) > 50:
+        lines.append(f"  ... and {len(errors) - 50} more errors")
     return "\n".join(lines)
+
+
+def expanded_size(obj: Any, memo: dict[int, int] | None = None) -> int:
+    """How many values ``obj`` holds once YAML aliases are expanded (each shared node counted every time
+    it is referenced), computed in time linear in the *unexpanded* document."""
+    memo = {} if memo is None else memo
+    if not isinstance(obj, (dict, list)):
+        return 1
+    if id(obj) not in memo:
+        memo[id(obj)] = 0  # a recursive alias (&a [*a]) counts once instead of looping
+        items = obj.values() if isinstance(obj, dict) else obj
+        memo[id(obj)] = 1 + sum(min(expanded_size(v, memo), MAX_CONFIG_VALUES + 1) for v in items)
+    return memo[id(obj)]
+
+
+# One parse per file version per process: `run` loads the config in the CLI and again in the flow,
+# `config validate` once per profile.
+_PARSED: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _parse_yaml(p: Path) -> Any:
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{p}: not UTF-8 (byte {e.start}: {data[e.start : e.start + 4]!r}); save the config as UTF-8"
+        ) from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader (C or Python)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {clip(str(e))}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not usable YAML (nested too deeply)") from None
 
 
 def read_raw(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], Path]:
     p = Path(path) if path else DEFAULT_CONFIG
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
-    return raw, p.resolve()
+    st = p.stat()
+    cache_key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if cache_key not in _PARSED:
+        raw = _parse_yaml(p)
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+        try:
+            n = expanded_size(raw)
+        except RecursionError:
+            raise ConfigError(f"{p}: not usable YAML (nested too deeply)") from None
+        if n > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{p}: refused: the YAML expands to more than {MAX_CONFIG_VALUES} values (aliases/anchors "
+                "repeated into a bomb?); a pipeline config holds a few hundred"
+            )
+        _PARSED.clear()
+        _PARSED[cache_key] = raw
+    return copy.deepcopy(_PARSED[cache_key]), p.resolve()
 
 
 def profile_names(raw: dict[str, Any]) -> list[str]:
-    return sorted((raw.get("profiles") or {}).keys())
+    profiles = raw.get("profiles") or {}
+    return sorted(str(k) for k in profiles) if isinstance(profiles, dict) else []
+
+
+def _profiles(raw: dict[str, Any], p: Path) -> tuple[dict[str, Any], str | None]:
+    """(profiles, default_profile) popped from the raw YAML, with their shapes checked."""
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(
+            f"{p}: profiles: must be a mapping of profile name -> overlay (got {excerpt(profiles)})"
+        )
+    for name, overlay in profiles.items():
+        if overlay is not None and not isinstance(overlay, dict):
+            raise ConfigError(
+                f"{p}: profiles.{name}: must be a mapping of overrides (got {excerpt(overlay)})"
+            )
+    default = raw.pop("default_profile", None)
+    if default is not None and not isinstance(default, str):
+        raise ConfigError(f"{p}: default_profile: must be a profile name (got {excerpt(default)})")
+    return profiles, default
 
 
 def load_config(
@@ -624,11 +735,10 @@ def load_config(
 ) -> PipelineConfig:
     """Read the YAML, apply the profile overlay and overrides, validate. Raises ConfigError."""
     raw, p = read_raw(path)
-    profiles = raw.pop("profiles", None) or {}
-    default_profile = raw.pop("default_profile", None)
+    profiles, default_profile = _profiles(raw, p)
     name = profile or os.environ.get("DAGTUNE_PROFILE") or default_profile or ""
     if name and name not in profiles:
-        raise ConfigError(f"{p}: profile {name!r} not defined; allowed: {sorted(profiles)}")
+        raise ConfigError(f"{p}: profile {excerpt(name)} not defined; allowed: {sorted(map(str, profiles))}")
     data = deep_merge(raw, profiles.get(name) or {}) if name else raw
     if overrides:
         data = deep_merge(data, overrides)

@@ -195,3 +195,220 @@ def test_prepare_data_with_a_flipped_parquet_byte_recomputes(root, caplog):  # n
     assert run_node("prepare_data", cfg, {})[1].status == "cached"
     (art.dir / "classifier" / "test.parquet").unlink()
     assert run_node("prepare_data", cfg, {})[1].status == "ran"
+
+
+# ------------------------------------------------------------------------------------------------
+# data loaders: parser blowups are bad rows naming file and line
+# ------------------------------------------------------------------------------------------------
+def _read(tmp_path: Path, name: str, text: str, max_chars: int = 100_000):
+    from dagtune.data.errors import BadRowLog
+    from dagtune.data.io import read_file
+
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    bad = BadRowLog("t", name)
+    return read_file(name, tmp_path, bad, max_chars), bad
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    lines = [
+        json.dumps({"q": f"a{sep}b", "n": i}, ensure_ascii=False)
+        for i, sep in enumerate("\u2028\u2029\u0085\x0b\x0c\x1c")
+    ]
+    lines.insert(3, "{broken")
+    src, bad = _read(tmp_path, "d.jsonl", "\r\n".join(lines) + "\n")
+    assert [r.record["n"] for r in src.rows] == [0, 1, 2, 3, 4, 5]
+    assert [r.line for r in src.rows] == [1, 2, 3, 5, 6, 7]
+    assert [(b.line, b.reason) for b in bad.rows] == [(4, "malformed JSON")]
+
+
+def test_deep_json_huge_int_and_long_rows_are_bad_rows_with_lines(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = [
+        '{"a": 1}',
+        '{"a": ' + deep + "}",
+        '{"a": ' + "9" * 5000 + "}",
+        '{"a": "' + "x" * 300 + '"}',
+        '{"a": 2}',
+    ]
+    src, bad = _read(tmp_path, "d.jsonl", "\n".join(lines), max_chars=200)
+    assert [r.line for r in src.rows] == [1, 5]
+    assert [(b.file, b.line, b.reason) for b in bad.rows] == [
+        ("d.jsonl", 2, "row too long"),
+        ("d.jsonl", 3, "row too long"),
+        ("d.jsonl", 4, "row too long"),
+    ]
+    src, bad = _read(tmp_path, "e.jsonl", "\n".join(lines), max_chars=10**6)
+    assert [(b.line, b.reason, b.detail) for b in bad.rows][:2] == [
+        (2, "malformed JSON", "nested too deeply"),
+        (3, "malformed JSON", bad.rows[1].detail),
+    ]
+    assert "4300" in bad.rows[1].detail or "digits" in bad.rows[1].detail
+    assert [r.line for r in src.rows] == [1, 4, 5]
+
+
+def test_json_file_nested_too_deep_is_a_data_error(tmp_path):
+    from dagtune.data import DataError
+
+    with pytest.raises(DataError, match=r"d.json: not usable JSON \(nested too deeply\)"):
+        _read(tmp_path, "d.json", "[" * 100_000 + "]" * 100_000)
+
+
+def test_csv_huge_field_is_a_bad_row_and_the_rest_is_kept(tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    text = 'line,eqn,type\na,1+1=2,x\n"' + "y" * 200_000 + '",2,z\nb,2+2=4,x\nc,' + "w" * 150 + ",x\n"
+    src, bad = _read(tmp_path, "d.csv", text, max_chars=100)
+    assert [r.record["line"] for r in src.rows] == ["a", "b"]
+    assert [(b.line, b.reason) for b in bad.rows] == [(3, "row too long"), (5, "row too long")]
+    assert csv.field_size_limit() == limit  # the process-wide limit is restored
+
+
+def test_parquet_long_rows_are_bad_rows(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"line": ["a", "b" * 500, "c"], "eqn": ["1", "2", "3"]}).to_parquet(tmp_path / "d.parquet")
+    from dagtune.data.errors import BadRowLog
+    from dagtune.data.io import read_file
+
+    bad = BadRowLog("t", "d.parquet")
+    src = read_file("d.parquet", tmp_path, bad, 100)
+    assert [r.line for r in src.rows] == [1, 3] and [b.line for b in bad.rows] == [2]
+
+
+def test_split_hygiene_counts_and_drops_duplicates_and_counts_nul():
+    import pandas as pd
+
+    from dagtune.data.node import split_hygiene
+
+    df = pd.DataFrame({"text": ["a", "b", "a", "c\x00", "a"], "id": [1, 2, 3, 4, 5]})
+    out, counts = split_hygiene(df, True)
+    assert counts == {"duplicates": 2, "duplicates_dropped": True, "rows_with_nul": 1}
+    assert out["id"].tolist() == [1, 2, 4]
+    kept, counts = split_hygiene(df, False)
+    assert len(kept) == 5 and counts["duplicates"] == 2 and not counts["duplicates_dropped"]
+
+
+def test_prepare_data_drops_duplicate_rows_and_reports_them(root, tmp_path):  # noqa: F811
+    from dagtune.pipeline import run_node
+    from tests.test_data import SMALL, make_cfg
+
+    rows = [f"Tom has {i} + 1 = {i + 1} cars.,{i}+1={i + 1},correct\n" for i in range(80)]
+    rows += rows[:10]  # ten exact duplicates
+    src = tmp_path / "eq.csv"
+    src.write_text("line,eqn,type\n" + "".join(rows))
+    cfg = make_cfg(
+        function_calling=SMALL,
+        classifier=SMALL,
+        extractor={"source": {"kind": "file", "path": str(src)}},
+        near_duplicate_threshold=1.0,
+    )
+    art, _ = run_node("prepare_data", cfg, {})
+    st = json.loads((art.dir / "stats.json").read_text())["tasks"]["extractor"]["splits"]
+    assert sum(s["duplicates"] for s in st.values()) >= 1
+    assert all(s["duplicates_dropped"] and s["rows_with_nul"] == 0 for s in st.values())
+    import pandas as pd
+
+    for split in ("train", "validation", "test"):
+        assert pd.read_parquet(art.dir / "extractor" / f"{split}.parquet")["text"].is_unique
+
+
+# ------------------------------------------------------------------------------------------------
+# config loading: hostile YAML exits 2 naming the YAML path, fast and with bounded messages
+# ------------------------------------------------------------------------------------------------
+def _bomb(levels: int = 9) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def _tiny_yaml(tmp_path: Path, edit) -> Path:
+    import yaml
+
+    from dagtune.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    edit(raw)
+    p = tmp_path / f"c{len(list(tmp_path.glob('c*.yaml')))}.yaml"
+    p.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    return p
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (_bomb().encode(), "expands to more than 100000 values"),
+        ("project:\n  name: caf\xe9\n".encode("latin-1"), "not UTF-8 (byte 20"),
+        (b"profiles: 5\n", "profiles: must be a mapping"),
+        (b"profiles:\n  real: [1, 2]\n", "profiles.real: must be a mapping"),
+        (b"default_profile: [tiny]\nprofiles: {tiny: {}}\n", "default_profile: must be a profile name"),
+        (b"a: " + b"[" * 20_000 + b"]" * 20_000 + b"\n", "nest"),
+        (b"a: 'x\n" + b"y" * 2_000_000, "not valid YAML"),
+    ],
+    ids=["alias-bomb", "latin-1", "profiles-int", "profile-list", "default-profile-list", "deep", "bad-yaml"],
+)
+def test_hostile_yaml_exits_2_fast_with_a_bounded_message(tmp_path, capsys, content, expected):
+    import time
+
+    from dagtune.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_bytes(content)
+    t0 = time.perf_counter()
+    assert main(["config", "validate", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err) < 2000, err[:3000]
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("train_extractor.optim.epochs", float("inf"), "finite number"),
+        ("train_extractor.optim.epochs", 1e6, "less than or equal to 10000"),
+        ("train_extractor.optim.learning_rate", float("nan"), "finite number"),
+        ("prepare_data.extractor.source.num_examples", 100_000_000, "less than or equal to 1000000"),
+        ("evaluate.max_new_tokens", 10**12, "at most 4294967296"),
+        ("register.backoff_seconds", 1e300, "at most 4294967296"),
+    ],
+)
+def test_numeric_fields_are_bounded_and_name_the_yaml_path(tmp_path, path, value, expected):
+    from dagtune.config import ConfigError, load_config
+
+    def edit(raw):
+        node = raw["profiles"]["tiny"]  # the overlay wins over the base section
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+
+    with pytest.raises(ConfigError) as e:
+        load_config(_tiny_yaml(tmp_path, edit), "tiny")
+    assert f"  {path}: " in str(e.value) and expected in str(e.value)
+
+
+def test_a_huge_value_is_shown_as_a_bounded_excerpt(tmp_path):
+    from dagtune.config import ConfigError, load_config
+
+    p = _tiny_yaml(
+        tmp_path, lambda raw: raw["profiles"]["tiny"].update(evaluate={"batch_size": "9" * 10**6 + "x"})
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(p, "tiny")
+    assert "evaluate.batch_size" in str(e.value) and len(str(e.value)) < 2000
+
+
+def test_config_is_parsed_once_per_process(tmp_path, monkeypatch):
+    import dagtune.config as config_mod
+
+    p = _tiny_yaml(tmp_path, lambda raw: None)
+    calls = []
+    real = config_mod._parse_yaml
+    monkeypatch.setattr(config_mod, "_parse_yaml", lambda q: calls.append(q) or real(q))
+    for profile in ("tiny", "real", "tiny"):
+        config_mod.load_config(p, profile)
+    assert len(calls) == 1
+    p.write_text(p.read_text() + "\n# edited\n")  # a changed file is parsed again
+    config_mod.load_config(p, "tiny")
+    assert len(calls) == 2

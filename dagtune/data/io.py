@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ from typing import Any
 from dagtune.data.errors import BadRowLog, DataError
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Default for prepare_data.max_row_chars (real rows are a few KB; a 50 MB row once went into training).
+MAX_ROW_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -69,16 +73,33 @@ def clean_value(v: Any) -> Any:
     return v
 
 
-def read_jsonl(text: str, bad: BadRowLog) -> tuple[list[RawRow], int]:
+def parse_json_line(line: str) -> tuple[Any, str | None]:
+    """(value, None) or (None, why): every parser failure, however deep or huge, is a row problem."""
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as e:
+        return None, e.msg
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError as e:  # e.g. an integer literal over Python's digit limit
+        return None, str(e)[:200]
+
+
+def read_jsonl(text: str, bad: BadRowLog, max_chars: int = MAX_ROW_CHARS) -> tuple[list[RawRow], int]:
     rows, seen = [], 0
-    for i, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends records at "\n" only: str.splitlines() would also split at U+2028, U+0085 and
+    # friends, which are legal inside JSON strings, and shift every later line number.
+    for i, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         seen += 1
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.add(i, "malformed JSON", e.msg)
+        if len(line) > max_chars:
+            bad.add(i, "row too long", f"{len(line)} characters > prepare_data.max_row_chars {max_chars}")
+            continue
+        rec, why = parse_json_line(line)
+        if why is not None:
+            bad.add(i, "malformed JSON", why)
             continue
         if not isinstance(rec, dict):
             bad.add(i, "wrong type", f"line is a JSON {type(rec).__name__}, expected an object")
@@ -87,11 +108,37 @@ def read_jsonl(text: str, bad: BadRowLog) -> tuple[list[RawRow], int]:
     return rows, seen
 
 
+def record_chars(value: Any) -> int:
+    """Characters of a parsed record's text (strings and keys, nested): what a row costs downstream."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + record_chars(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(record_chars(v) for v in value)
+    return 8
+
+
+def drop_long_rows(rows: list[RawRow], bad: BadRowLog, max_chars: int) -> list[RawRow]:
+    kept = []
+    for r in rows:
+        n = record_chars(r.record)
+        if n > max_chars:
+            bad.add(r.line, "row too long", f"{n} characters > prepare_data.max_row_chars {max_chars}")
+        else:
+            kept.append(r)
+    return kept
+
+
 def read_json(text: str, path: Path, bad: BadRowLog) -> tuple[list[RawRow], int]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not usable JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise DataError(f"{path}: not usable JSON ({str(e)[:200]})") from None
     if isinstance(data, dict):  # {"data": [...]} style exports
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -108,30 +155,62 @@ def read_json(text: str, path: Path, bad: BadRowLog) -> tuple[list[RawRow], int]
     return rows, len(data)
 
 
-def read_csv(text: str, path: Path, bad: BadRowLog) -> tuple[list[RawRow], int, list[str]]:
+def read_csv(
+    text: str, path: Path, bad: BadRowLog, max_chars: int = MAX_ROW_CHARS
+) -> tuple[list[RawRow], int, list[str]]:
     reader = csv.DictReader(io.StringIO(text, newline=""), restkey="__extra__")
-    columns = [c.strip() for c in (reader.fieldnames or [])]
-    if not columns:
-        raise DataError(f"{path}: empty CSV (no header)")
-    reader.fieldnames = columns
-    rows, seen, prev_end = [], 0, 1
-    for rec in reader:
-        start = prev_end + 1  # a quoted field may span lines: report where the record starts
-        prev_end = reader.line_num
-        seen += 1
-        if "__extra__" in rec:
-            bad.add(
-                start,
-                "malformed row",
-                f"{len(columns) + len(rec['__extra__'])} fields, header has {len(columns)}",
-            )
-            continue
-        missing = [c for c, v in rec.items() if v is None]
-        if missing:
-            bad.add(start, "missing field", f"row ends before column(s) {missing}")
-            continue
-        rows.append(RawRow(start, dict(rec)))
+    with csv_field_limit(max_chars):
+        try:
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+        except csv.Error as e:
+            raise DataError(f"{path}: unreadable CSV header ({e})") from None
+        if not columns:
+            raise DataError(f"{path}: empty CSV (no header)")
+        reader.fieldnames = columns
+        rows, seen, prev_end = [], 0, reader.line_num
+        while True:
+            start = prev_end + 1  # a quoted field may span lines: report where the record starts
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # a field over the limit, ...: this record is bad, the reader goes on
+                prev_end = reader.line_num
+                seen += 1
+                why = "row too long" if "field limit" in str(e) else "malformed row"
+                bad.add(start, why, f"{e} (prepare_data.max_row_chars {max_chars})")
+                continue
+            prev_end = reader.line_num
+            seen += 1
+            problem = csv_row_problem(rec, columns, max_chars)
+            if problem:
+                bad.add(start, *problem)
+                continue
+            rows.append(RawRow(start, dict(rec)))
     return rows, seen, columns
+
+
+def csv_row_problem(rec: dict[str, Any], columns: list[str], max_chars: int) -> tuple[str, str] | None:
+    if "__extra__" in rec:
+        return "malformed row", f"{len(columns) + len(rec['__extra__'])} fields, header has {len(columns)}"
+    missing = [c for c, v in rec.items() if v is None]
+    if missing:
+        return "missing field", f"row ends before column(s) {missing}"
+    n = sum(len(v) for v in rec.values())
+    if n > max_chars:
+        return "row too long", f"{n} characters > prepare_data.max_row_chars {max_chars}"
+    return None
+
+
+@contextmanager
+def csv_field_limit(max_chars: int) -> Iterator[None]:
+    """csv's field limit is process-global: set it for this read only."""
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(1, max_chars))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 def read_parquet(path: Path) -> tuple[list[RawRow], int, list[str]]:
@@ -151,18 +230,22 @@ def read_parquet(path: Path) -> tuple[list[RawRow], int, list[str]]:
     )
 
 
-def read_file(path_str: str, config_dir: Path, bad: BadRowLog) -> SourceRows:
+def read_file(path_str: str, config_dir: Path, bad: BadRowLog, max_chars: int = MAX_ROW_CHARS) -> SourceRows:
     path = resolve(path_str, config_dir)
     kind = FILE_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; allowed: {sorted(FILE_SUFFIXES)}")
     if kind == "parquet":
         rows, seen, columns = read_parquet(path)
+        rows = drop_long_rows(rows, bad, max_chars)
     elif kind == "csv":
-        rows, seen, columns = read_csv(read_text(path), path, bad)
+        rows, seen, columns = read_csv(read_text(path), path, bad, max_chars)
+    elif kind == "jsonl":
+        rows, seen = read_jsonl(read_text(path), bad, max_chars)
+        columns = sorted({k for r in rows for k in r.record})
     else:
-        text = read_text(path)
-        rows, seen = read_jsonl(text, bad) if kind == "jsonl" else read_json(text, path, bad)
+        rows, seen = read_json(read_text(path), path, bad)
+        rows = drop_long_rows(rows, bad, max_chars)
         columns = sorted({k for r in rows for k in r.record})
     if seen == 0:
         raise DataError(f"{path}: empty dataset (no rows)")
@@ -181,9 +264,11 @@ def read_hf(
     config_dir: Path,
     bad: BadRowLog,
     revision: str | None = None,
+    max_chars: int = MAX_ROW_CHARS,
 ) -> SourceRows:
     """A save_to_disk directory, a local dataset folder, or a hub dataset at the commit sha its key
-    holds (``revision``: the configured branch/tag/sha, see dagtune.hub)."""
+    holds (``revision``: the configured branch/tag/sha, see dagtune.hub); rows over ``max_chars``
+    characters are bad rows."""
     import datasets
 
     local = resolve(hf_id, config_dir)
@@ -212,13 +297,15 @@ def read_hf(
     if not records:
         raise DataError(f"{name}: empty dataset (no rows)")
     rows = [RawRow(i, clean_value(r)) for i, r in enumerate(records, start=1)]
+    rows = drop_long_rows(rows, bad, max_chars)
     return SourceRows(name, rows, list(ds.column_names), len(records), bad)
 
 
-def read_rows(source: Any, config_dir: Path, task: str) -> SourceRows:
-    """Every record of a file or HF source, with bad lines already reported (source: SourceConfig)."""
+def read_rows(source: Any, config_dir: Path, task: str, max_chars: int = MAX_ROW_CHARS) -> SourceRows:
+    """Every record of a file or HF source, with bad lines already reported (source: SourceConfig);
+    rows over ``max_chars`` characters are bad rows."""
     if source.kind == "file":
-        return read_file(source.path, config_dir, BadRowLog(task, source.path))
+        return read_file(source.path, config_dir, BadRowLog(task, source.path), max_chars)
     if source.kind == "hf":
         name = f"{source.hf_id}[{source.hf_split}]"
         return read_hf(
@@ -228,5 +315,6 @@ def read_rows(source: Any, config_dir: Path, task: str) -> SourceRows:
             config_dir,
             BadRowLog(task, name),
             source.revision,
+            max_chars,
         )
     raise ValueError(f"read_rows: source kind {source.kind!r} has no rows to read")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dagtune.data.errors import BadRowLog, DataError, bad_row_summary, log, write_bad_rows
-from dagtune.data.io import read_rows, resolve
+from dagtune.data.io import MAX_ROW_CHARS, read_rows, resolve
 from dagtune.data.tools import ToolCatalog, load_catalog
 
 TASKS = ("function_calling", "extractor", "classifier")
@@ -80,14 +80,16 @@ def load_synthetic(task: str, tcfg: Any, seed: int) -> LoadedTask:
     return LoadedTask(examples, catalog, "synthetic", "synthetic", n_rows, BadRowLog(task, "synthetic"))
 
 
-def load_task(task: str, tcfg: Any, seed: int, config_dir: Path) -> LoadedTask:
+def load_task(
+    task: str, tcfg: Any, seed: int, config_dir: Path, max_row_chars: int = MAX_ROW_CHARS
+) -> LoadedTask:
     """Read and validate one task's source; bad rows are reported in the returned log."""
     from dagtune.data import function_calling as fc
     from dagtune.data import math_tasks
 
     if tcfg.source.kind == "synthetic":
         return load_synthetic(task, tcfg, seed)
-    src = read_rows(tcfg.source, config_dir, task)
+    src = read_rows(tcfg.source, config_dir, task, max_row_chars)
     if not src.rows:  # every line unparseable: say so, rather than "cannot tell the format"
         src.bad.check_fraction(src.rows_read, 0.0)
     fmt = detect_format(task, src.columns, tcfg.source.format, src.name)
@@ -163,7 +165,7 @@ def split_task(task: str, cfg: Any, config_dir: Path) -> SplitTask:
     from dagtune.data.split import remove_leakage, split_stratified
 
     tcfg = getattr(cfg, task)
-    loaded = load_task(task, tcfg, cfg.seed, config_dir)
+    loaded = load_task(task, tcfg, cfg.seed, config_dir, cfg.max_row_chars)
     loaded.bad.log_total()
     loaded.bad.check_fraction(loaded.rows_read, cfg.max_bad_fraction)
     if not loaded.examples:
@@ -194,12 +196,12 @@ def render_task(
         "developer_prompt": getattr(tcfg, "developer_prompt", ""),
         "negative_reply": getattr(tcfg, "negative_reply", ""),
     }
-    frames = {}
+    frames, hygiene = {}, {}
     for split, rows in prepared.splits.items():
         df, failed = render_split(task, tokenizer, rows, tcfg.max_length, options)
         for ex, why in failed:
             loaded.bad.add(source_line(ex), "unrenderable", why)
-        frames[split] = df
+        frames[split], hygiene[split] = split_hygiene(df, cfg.drop_duplicates)
     loaded.bad.check_fraction(loaded.rows_read, cfg.max_bad_fraction)
     check_splits(task, {s: df.index.tolist() for s, df in frames.items()}, loaded)
 
@@ -210,12 +212,26 @@ def render_task(
         "input": input_stats(task, loaded.examples, loaded.rows_read),
         "bad_rows": bad_row_summary(loaded.bad),
         "leakage": prepared.leakage,
-        "splits": {s: split_stats(task, df) for s, df in frames.items()},
+        "splits": {s: {**split_stats(task, df), **hygiene[s]} for s, df in frames.items()},
         "catalog_tools": len(loaded.catalog) if loaded.catalog else 0,
     }
     if loaded.catalog is not None:
         stats["catalog"] = loaded.catalog.tools
     return frames, stats
+
+
+def split_hygiene(df: Any, drop_duplicates: bool) -> tuple[Any, dict[str, Any]]:
+    """Count exact duplicates (same rendered text) and rows holding NUL bytes in one split; drop the
+    duplicates (first one kept) unless told not to: a repeated row only weights itself up."""
+    dup = df["text"].duplicated(keep="first")
+    counts = {
+        "duplicates": int(dup.sum()),
+        "duplicates_dropped": bool(drop_duplicates),
+        "rows_with_nul": int(df["text"].str.contains("\x00", regex=False).sum()),
+    }
+    if drop_duplicates and counts["duplicates"]:
+        df = df[~dup].reset_index(drop=True)
+    return df, counts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,6 +250,8 @@ def flat_metrics(stats: dict[str, Any]) -> dict[str, int]:
         for split, s in st["splits"].items():
             out[f"{task}_{split}_rows"] = s["rows"]
             out[f"{task}_{split}_truncated"] = s["truncated"]
+            out[f"{task}_{split}_duplicates"] = s["duplicates"]
+            out[f"{task}_{split}_rows_with_nul"] = s["rows_with_nul"]
     return out
 
 
