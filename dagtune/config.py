@@ -738,7 +738,9 @@ def load_config(
     profiles, default_profile = _profiles(raw, p)
     name = profile or os.environ.get("DAGTUNE_PROFILE") or default_profile or ""
     if name and name not in profiles:
-        raise ConfigError(f"{p}: profile {excerpt(name)} not defined; allowed: {sorted(map(str, profiles))}")
+        where = "profile" if profile or os.environ.get("DAGTUNE_PROFILE") else "default_profile: profile"
+        allowed = sorted(map(str, profiles))
+        raise ConfigError(f"{p}: {where} {excerpt(name)} not defined under profiles; allowed: {allowed}")
     data = deep_merge(raw, profiles.get(name) or {}) if name else raw
     if overrides:
         data = deep_merge(data, overrides)
