@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from dagtune.code_identity import code_inputs
 from dagtune.config import PipelineConfig, RuntimeConfig
+from dagtune.redact import redact
 from dagtune.store import Artifact, ArtifactStore, content_key
 
 log = logging.getLogger("dagtune")
@@ -190,7 +191,8 @@ def node_inputs(name: str, cfg: PipelineConfig, upstream_keys: dict[str, str]) -
     inputs: dict[str, Any] = {
         "node": name,
         "version": node.version,
-        "config": getattr(cfg, name).model_dump(mode="json"),
+        # redacted: a tracking URI's password must not reach a manifest (nor change a key)
+        "config": redact(getattr(cfg, name).model_dump(mode="json")),
         "upstream": {u: upstream_keys[u] for u in node.upstream},
     }
     if node.extra_inputs:

@@ -31,6 +31,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from dagtune.redact import redact
+
 MANIFEST = "manifest.json"
 # Files up to this size are re-hashed on every reuse; larger ones (merged weights, GGUF) only when their
 # size or mtime differs from the manifest, which a copy without -p or any in-place write changes.
@@ -280,6 +282,7 @@ class ArtifactStore:
             "host": platform.node(),
             **(extra or {}),
         }
+        manifest = redact(manifest)  # no credentials in any manifest, whatever a node put in it
         tmp_manifest = tmp / (MANIFEST + ".part")
         tmp_manifest.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
         os.replace(tmp_manifest, tmp / MANIFEST)

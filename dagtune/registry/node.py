@@ -398,4 +398,7 @@ def key_inputs(cfg: Any) -> dict[str, Any]:
     """Registering into another tracking server is another output. Hashed: a URI may hold credentials."""
     import hashlib
 
-    return {"tracking_uri_sha256": hashlib.sha256(cfg.tracking_uri.encode()).hexdigest()}
+    from dagtune.redact import redact_uri
+
+    # Without the credentials: a password change is not another output (nor guessable from a hash).
+    return {"tracking_uri_sha256": hashlib.sha256(redact_uri(cfg.tracking_uri).encode()).hexdigest()}

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dagtune.redact import redact, redact_uri, split_credentials
+
 log = logging.getLogger("dagtune.registry")
 T = TypeVar("T")
 
@@ -73,11 +75,6 @@ class RegistryUnavailable(RuntimeError):
             f"attempt(s): {type(cause).__name__}: {str(cause)[:300]}. Pipeline artifacts are cached; "
             f"rerun once the server is back (set MLFLOW_TRACKING_URI to change it)."
         )
-
-
-def redact_uri(uri: str) -> str:
-    """Hide credentials in user:password@host URIs before they reach a log or an error."""
-    return re.sub(r"//[^/@]+@", "//***@", uri)
 
 
 @dataclass(frozen=True)
@@ -210,6 +207,20 @@ class Tracker:
         return self.call(f"get or create experiment {name!r}", get_or_create)
 
 
+def _credentials_to_env(uri: str) -> str:
+    """Move ``user:password@`` out of the URI into MLflow's basic-auth variables: MLflow prints and
+    stores its tracking URI ("View run ... at:" lines, run metadata), so that URI must be clean."""
+    clean, user, password = split_credentials(uri)
+    if user is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:  # nothing later (children included) sees the secret
+        os.environ["MLFLOW_TRACKING_URI"] = clean
+    return clean
+
+
 def connect(
     uri: str,
     policy: RetryPolicy | None = None,
@@ -221,6 +232,7 @@ def connect(
     from mlflow import MlflowClient
 
     policy = policy or RetryPolicy()
+    uri = _credentials_to_env(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     if not is_local_store(uri):
@@ -263,7 +275,7 @@ def to_params(section: Mapping[str, Any]) -> dict[str, str]:
     out = {}
     for k, v in flatten(section).items():
         text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
-        out[safe_key(k)] = text[:MAX_PARAM_CHARS]
+        out[safe_key(k)] = redact(text)[:MAX_PARAM_CHARS]
     return out
 
 
