@@ -165,6 +165,15 @@ def artifact_problem(d: Path) -> str | None:
         problem = _file_problem(d, entry) if isinstance(entry, dict) else "bad manifest entry"
         if problem:
             return problem
+    return _symlink_inside(d)
+
+
+def _symlink_inside(d: Path) -> str | None:
+    """Artifacts hold no links (commit refuses them): one found later was planted."""
+    for base, dirs, files in os.walk(d):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(base, name)):
+                return f"{Path(base, name).relative_to(d)}: symlink inside the artifact"
     return None
 
 

@@ -412,3 +412,27 @@ def test_config_is_parsed_once_per_process(tmp_path, monkeypatch):
     p.write_text(p.read_text() + "\n# edited\n")  # a changed file is parsed again
     config_mod.load_config(p, "tiny")
     assert len(calls) == 2
+
+
+def test_a_symlink_planted_later_makes_the_artifact_damaged(tmp_path):
+    store = ArtifactStore(tmp_path / "s")
+    art, _ = store.build_once("n", {"k": 9}, _build)
+    (tmp_path / "secret.txt").write_text("outside")
+    (art.dir / "sub" / "notes.md").symlink_to(tmp_path / "secret.txt")
+    assert artifact_problem(art.dir) == "sub/notes.md: symlink inside the artifact"
+    assert _rebuilds(store, {"k": 9})
+
+
+def test_uploads_take_only_regular_files_listed_in_the_manifest(tmp_path):
+    from dagtune.registry.tracking import report_files
+
+    def build(out, scratch):
+        (out / "report.md").write_text("# r")
+        (out / "stats.json").write_text("{}")
+
+    art, _ = ArtifactStore(tmp_path / "s").build_once("n", {"k": 10}, build)
+    (tmp_path / "secret.json").write_text('{"token": "outside"}')
+    (art.dir / "planted.md").write_text("not in the manifest")
+    (art.dir / "link.json").symlink_to(tmp_path / "secret.json")
+    (art.dir / "prefect-result").write_text("{}")
+    assert [p.name for p in report_files(art.dir)] == [MANIFEST, "report.md", "stats.json"]

@@ -372,10 +372,19 @@ def _is_model_dir(d: Path) -> bool:
 def report_files(artifact_dir: Path, max_bytes: int = MAX_REPORT_BYTES) -> list[Path]:
     """Small human-readable files of an artifact dir (reports, plots, stats, the manifest), without
     model directories (adapter/, merged/: they are logged models) or tokenizer/model config files."""
+    from dagtune.store import MANIFEST, read_manifest
+
+    # Only the regular files the manifest lists (and the manifest): nothing else that sits in the dir,
+    # and never a link's target, goes to MLflow.
+    manifest = read_manifest(artifact_dir)
+    listed = {f.get("path") for f in manifest["files"] if isinstance(f, dict)} if manifest else set()
+    listed.add(MANIFEST)
     out = []
     skip: dict[Path, bool] = {}
     for p in sorted(artifact_dir.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in REPORT_SUFFIXES or p.stat().st_size > max_bytes:
+        if p.relative_to(artifact_dir).as_posix() not in listed or p.is_symlink() or not p.is_file():
+            continue
+        if p.suffix.lower() not in REPORT_SUFFIXES or p.stat().st_size > max_bytes:
             continue
         if p.name in MODEL_FILES:
             continue
