@@ -30,6 +30,7 @@ from dagtune.registry.tracking import (
     Tracker,
     child_run,
     connect,
+    log_model_retrying,
     parent_run,
     pipeline_tags,
     read_jsonl,
@@ -208,8 +209,14 @@ def register_model(
         train = arts[TRAIN_NODE[model]]
         tm = train.manifest()
         run_id = node_runs[train.node]
-        info, extra = _log_version_model(
-            model, cfg, run_id, parts, {"digest": digest, "eval": eval_metrics}, arts
+        meta = {"digest": digest, "eval": eval_metrics}
+        exp_id = tracker.call("get run", tracker.client.get_run, run_id).info.experiment_id
+        info, extra = log_model_retrying(
+            tracker,
+            f"log model {model}",
+            exp_id,
+            run_id,
+            lambda: _log_version_model(model, cfg, run_id, parts, meta, arts),
         )
         if eval_metrics is not None:
             reg.log_eval_metrics(tracker, run_id, model, eval_metrics)

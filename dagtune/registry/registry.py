@@ -144,8 +144,13 @@ def ensure_registered_model(tracker: Tracker, name: str, description: str | None
 
 def find_version_by_digest(tracker: Tracker, name: str, digest: str) -> Any | None:
     """The (oldest) version of ``name`` whose digest tag equals ``digest``, or None."""
+    return tracker.call(f"search versions of {name!r}", _version_with_digest, tracker, name, digest)
+
+
+def _version_with_digest(tracker: Tracker, name: str, digest: str) -> Any | None:
+    """One search, no retries (for use inside a retried call)."""
     flt = f"name = '{_quote(name)}' AND tag.`{TAG_DIGEST}` = '{_quote(digest)}'"
-    found = tracker.call(f"search versions of {name!r}", tracker.client.search_model_versions, flt)
+    found = tracker.client.search_model_versions(flt)
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -172,16 +177,27 @@ def register_version(
     if existing is not None:
         log.info("registry: %s already has version %s for digest %s", name, existing.version, digest[:12])
         return existing, False
-    mv = tracker.call(
-        f"create version of {name!r}",
-        tracker.client.create_model_version,
-        name=name,
-        source=model_uri,
-        run_id=run_id,
-        tags={**tags, TAG_DIGEST: digest},
-        description=description,
-        model_id=model_id,
-    )
+    attempted = False
+
+    def create_once() -> Any:
+        # After a failed attempt the server may have created the version and only the reply was lost:
+        # look the digest up before creating again, or the retry makes a duplicate (v1, v2, one digest).
+        nonlocal attempted
+        if attempted:
+            found = _version_with_digest(tracker, name, digest)
+            if found is not None:
+                return found
+        attempted = True
+        return tracker.client.create_model_version(
+            name=name,
+            source=model_uri,
+            run_id=run_id,
+            tags={**tags, TAG_DIGEST: digest},
+            description=description,
+            model_id=model_id,
+        )
+
+    mv = tracker.call(f"create version of {name!r}", create_once)
     log.info("registry: %s version %s created (digest %s)", name, mv.version, digest[:12])
     return mv, True
 

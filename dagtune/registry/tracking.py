@@ -346,6 +346,8 @@ def parent_run(
     """One MLflow run per pipeline run; yields its id and ends it FINISHED, or FAILED on an error
     (best effort: when the server is gone the run simply stays RUNNING)."""
     exp_id = tracker.experiment_id(experiment)
+    if tags.get(TAG_CONFIG_HASH):
+        tracker.call("fail stale runs", fail_stale_runs, tracker, exp_id, tags[TAG_CONFIG_HASH])
     run = tracker.call(
         "create parent run", tracker.client.create_run, exp_id, run_name=run_name, tags=dict(tags)
     )
@@ -354,8 +356,58 @@ def parent_run(
         yield run_id
     except BaseException:
         _end(tracker, run_id, "FAILED")
+        try:  # and the node runs still open under it (models never logged): no RUNNING run remains
+            for child in tracker.client.search_runs(
+                [exp_id], f"tags.`{TAG_PARENT}` = '{run_id}' AND attributes.status = 'RUNNING'"
+            ):
+                tracker.client.set_terminated(child.info.run_id, "FAILED")
+        except Exception as e:  # the server is gone: the next registration of this config does it
+            log.warning("could not mark the node runs of %s FAILED: %s", run_id, e)
         raise
     tracker.call("finish parent run", tracker.client.set_terminated, run_id, "FINISHED")
+
+
+def fail_stale_runs(tracker: Tracker, experiment_id: str, config_hash: str, keep: str = "") -> int:
+    """Mark FAILED the RUNNING pipeline runs of this config (and their RUNNING children) left by a
+    registration killed or cut off from the server. Safe: the register node holds its key's lock, so
+    no other live registration of the same config exists."""
+    flt = f"tags.`{TAG_CONFIG_HASH}` = '{config_hash}' AND attributes.status = 'RUNNING'"
+    stale = [r.info.run_id for r in tracker.client.search_runs([experiment_id], flt) if r.info.run_id != keep]
+    for run_id in list(stale):
+        children = tracker.client.search_runs(
+            [experiment_id], f"tags.`{TAG_PARENT}` = '{run_id}' AND attributes.status = 'RUNNING'"
+        )
+        stale += [c.info.run_id for c in children]
+    for run_id in stale:
+        tracker.client.set_terminated(run_id, "FAILED")
+    if stale:
+        log.warning("MLflow: %d run(s) left RUNNING by an interrupted registration marked FAILED", len(stale))
+    return len(stale)
+
+
+def log_model_retrying(
+    tracker: Tracker, what: str, experiment_id: str, run_id: str, fn: Callable[[], T]
+) -> T:
+    """``fn()`` logs models into ``run_id``; retried like every call on transient failures. Before a
+    retry, the models the failed attempt created under the run are deleted, so no orphan survives
+    (the run is fresh: everything logged into it comes from an attempt of this call)."""
+    attempts = 0
+
+    def attempt() -> T:
+        nonlocal attempts
+        if attempts:
+            _delete_run_models(tracker, experiment_id, run_id)
+        attempts += 1
+        return fn()
+
+    return tracker.call(what, attempt)
+
+
+def _delete_run_models(tracker: Tracker, experiment_id: str, run_id: str) -> None:
+    found = tracker.client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    for m in found:
+        tracker.client.delete_logged_model(m.model_id)
+        log.info("MLflow: deleted model %s of a failed attempt", m.model_id)
 
 
 def _end(tracker: Tracker, run_id: str, status: str) -> None:

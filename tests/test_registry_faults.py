@@ -1,0 +1,111 @@
+"""MLflow faults during registration, against a real SQLite store: a transient failure while logging a
+model is retried (the failed attempt's model deleted: no orphan), a lost reply to "create model version"
+does not make a duplicate, a registration that gives up leaves no run RUNNING, and runs left RUNNING
+by a killed registration are marked FAILED by the next one."""
+
+from __future__ import annotations
+
+import sys
+
+import mlflow
+import pytest
+from registry_helpers import build_artifacts, fake_llama_cpp, migrated_db, write_config
+
+from dagtune.config import load_config
+from dagtune.registry import models as mdl
+from dagtune.registry import registry as reg
+from dagtune.registry.node import RunInfo, register_pipeline, tracker_for
+from dagtune.registry.tracking import TAG_CONFIG_HASH, RegistryUnavailable
+from dagtune.store import ArtifactStore
+
+HASH = "f00d" * 16
+
+
+@pytest.fixture
+def cfg(state_dir, tmp_path, tmp_path_factory, monkeypatch):
+    migrated_db(state_dir / "mlflow.db", tmp_path_factory.getbasetemp())
+    c = load_config(write_config(tmp_path), "tiny")
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake_llama_cpp())
+    yield c
+    mlflow.set_tracking_uri(None)
+
+
+def _run(cfg, arts, tracker=None):
+    return register_pipeline(cfg, arts, RunInfo(config_hash=HASH, profile="tiny", flow_run_id="f"), tracker)
+
+
+def _runs(tr, status):
+    exp = tr.client.get_experiment_by_name(load_config().register.experiment)
+    return tr.client.search_runs([exp.experiment_id], f"attributes.status = '{status}'")
+
+
+def _once(real, exc):
+    """``real`` that does its work and then fails the first time: the reply was lost."""
+    calls = []
+
+    def flaky(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        return out
+
+    return flaky, calls
+
+
+def test_lost_create_version_reply_does_not_duplicate(cfg, monkeypatch):
+    tr = tracker_for(cfg)
+    flaky, calls = _once(tr.client.create_model_version, ConnectionError("connection reset by peer"))
+    monkeypatch.setattr(tr.client, "create_model_version", flaky)
+    out = _run(cfg, build_artifacts(ArtifactStore(cfg.artifact_root)), tr)
+    assert out["models"]["function_calling"]["version"] == "1"
+    assert out["models"]["function_calling"]["created"] is True
+    assert [str(v.version) for v in reg.list_versions(tr, "fc")] == ["1"]
+    assert len(calls) == 2  # fc: created (reply lost), then found by its digest; clf: created once
+
+
+def test_transient_model_logging_failure_is_retried_without_orphans(cfg, monkeypatch):
+    tr = tracker_for(cfg)
+    flaky, calls = _once(mdl.log_gguf_model, ConnectionError("connection aborted"))
+    monkeypatch.setattr(mdl, "log_gguf_model", flaky)
+    out = _run(cfg, build_artifacts(ArtifactStore(cfg.artifact_root)), tr)
+    assert len(calls) == 2 and out["models"]["function_calling"]["created"]
+    mv = tr.client.get_model_version("fc", "1")
+    exp_id = tr.client.get_run(mv.run_id).info.experiment_id
+    models = tr.client.search_logged_models([exp_id], filter_string=f"source_run_id = '{mv.run_id}'")
+    assert len(models) == 1 and models[0].model_id in mv.source  # the failed attempt's model is gone
+    assert _runs(tr, "RUNNING") == [] and _runs(tr, "FAILED") == []
+
+
+def test_registration_that_gives_up_leaves_no_run_running_and_reruns_once(cfg, monkeypatch):
+    tr = tracker_for(cfg)
+    store = ArtifactStore(cfg.artifact_root)
+
+    def down(*a, **k):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(mdl, "log_gguf_model", down)
+    with pytest.raises(RegistryUnavailable, match="log model function_calling failed after 2 attempt"):
+        _run(cfg, build_artifacts(store), tr)
+    assert _runs(tr, "RUNNING") == []
+    assert [r.data.tags.get("dagtune.run_kind") for r in _runs(tr, "FAILED")] == ["pipeline"]
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "llama_cpp", fake_llama_cpp())
+    out = _run(cfg, build_artifacts(store), tr)
+    assert [str(v.version) for v in reg.list_versions(tr, "fc")] == ["1"] and out["models"][
+        "function_calling"
+    ]["created"]
+
+
+def test_runs_left_running_by_a_killed_registration_are_failed_next_time(cfg):
+    tr = tracker_for(cfg)
+    exp_id = tr.experiment_id(cfg.register.experiment)
+    killed = tr.client.create_run(exp_id, run_name="killed", tags={TAG_CONFIG_HASH: HASH})
+    child = tr.client.create_run(exp_id, run_name="node", tags={"mlflow.parentRunId": killed.info.run_id})
+    other = tr.client.create_run(exp_id, run_name="other config", tags={TAG_CONFIG_HASH: "beef" * 16})
+    _run(cfg, build_artifacts(ArtifactStore(cfg.artifact_root)), tr)
+    status = {
+        r: tr.client.get_run(r).info.status
+        for r in (killed.info.run_id, child.info.run_id, other.info.run_id)
+    }
+    assert list(status.values()) == ["FAILED", "FAILED", "RUNNING"]
