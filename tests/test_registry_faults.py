@@ -109,3 +109,88 @@ def test_runs_left_running_by_a_killed_registration_are_failed_next_time(cfg):
         for r in (killed.info.run_id, child.info.run_id, other.info.run_id)
     }
     assert list(status.values()) == ["FAILED", "FAILED", "RUNNING"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the SQLite store's first initialisation
+# ------------------------------------------------------------------------------------------------
+def _half_built(path):
+    """The state a SIGKILL during MLflow's first schema setup leaves (seen on this machine with a kill
+    0.8 s into the migrations): tables up to an intermediate revision, plus the temp table of the batch
+    migration that was running (`_alembic_tmp_tags`); every later init fails with "already exists"."""
+    from alembic import command
+    from mlflow.store.db.utils import _get_alembic_config, create_sqlalchemy_engine
+    from mlflow.store.db_migrations.versions import df50e92ffc5e_add_experiment_tags_table as killed_in
+    from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+    from sqlalchemy import text
+
+    engine = create_sqlalchemy_engine(f"sqlite:///{path}")
+    InitialBase.metadata.create_all(engine)
+    config = _get_alembic_config(str(engine.url))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, killed_in.down_revision)
+        conn.execute(
+            text('CREATE TABLE _alembic_tmp_tags ("key" VARCHAR(250) NOT NULL, run_uuid VARCHAR(32))')
+        )
+    engine.dispose()
+
+
+def test_half_built_sqlite_store_is_detected_and_rebuilt(tmp_path, caplog):
+    from mlflow import MlflowClient
+
+    from dagtune.registry.tracking import connect
+
+    db = tmp_path / "mlflow.db"
+    _half_built(db)
+    with pytest.raises(Exception, match="already exists"):  # what every rerun hit before
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    tr = connect(f"sqlite:///{db}", state_dir=tmp_path)
+    assert tr.client.create_experiment("e")
+    assert "was half-built" in caplog.text and len(list(tmp_path.glob("mlflow.db.half-built-*"))) == 1
+    mlflow.set_tracking_uri(None)
+
+
+def test_broken_store_holding_runs_is_not_touched(tmp_path):
+    import sqlite3
+
+    from dagtune.registry.tracking import ensure_sqlite_store
+
+    db = tmp_path / "mlflow.db"
+    _half_built(db)
+    with sqlite3.connect(db) as c:
+        c.execute(
+            "INSERT INTO runs (run_uuid, experiment_id, lifecycle_stage, status, source_type, start_time) "
+            "VALUES ('r1', 0, 'active', 'FINISHED', 'LOCAL', 0)"
+        )
+    before = db.read_bytes()
+    with pytest.raises(RuntimeError, match="broken schema .* holds runs: not touched"):
+        ensure_sqlite_store(db)
+    assert db.read_bytes() == before
+
+
+_INIT = "import sys; from pathlib import Path; from dagtune.registry.tracking import ensure_sqlite_store; ensure_sqlite_store(Path(sys.argv[1]))"
+
+
+def test_first_init_killed_midway_leaves_no_store_and_the_rerun_builds_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from dagtune.registry.tracking import ensure_sqlite_store
+
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", _INIT, str(db)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".mlflow.db.init-*")):
+        time.sleep(0.01)
+    time.sleep(0.8)  # inside the migrations, where a kill used to leave the store half-built
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not db.exists()  # never half-built at the real path
+    ensure_sqlite_store(db)
+    from mlflow import MlflowClient
+
+    assert MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()

@@ -221,6 +221,101 @@ def _credentials_to_env(uri: str) -> str:
     return clean
 
 
+# What MLflow's migrations report on a schema that a killed first initialisation left half-built.
+_HALF_BUILT = (
+    "duplicate column",
+    "already exists",
+    "no such table",
+    "no such column",
+    "alembic",
+    "interrupted",
+)
+
+
+def _init_sqlite(path: Path) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments(max_results=1)
+
+
+def ensure_sqlite_store(path: Path) -> None:
+    """Create an MLflow SQLite store so that a kill can never leave it half-built: the schema is built
+    in a temp file (about 2 s of migrations) which is renamed into place only when complete. A store
+    left half-built by an older version is detected; without any run in it, it is moved aside and
+    rebuilt, otherwise the error says what to do."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".init.lock"):
+        if path.exists():
+            _check_schema(path)
+            return
+        _init_sqlite_atomically(path)
+
+
+def _check_schema(path: Path) -> None:
+    try:
+        stray = _stray_migration_tables(path)  # read-only: a broken store is not migrated further
+        if stray:
+            raise RuntimeError(f"interrupted migration left table(s) {stray}")
+        _init_sqlite(path)
+    except Exception as e:
+        if not any(m in str(e).lower() for m in _HALF_BUILT):
+            raise
+        if _holds_runs(path):
+            raise RuntimeError(
+                f"MLflow store {path} has a broken schema ({str(e).splitlines()[0][:200]}) and holds runs: "
+                "not touched. "
+                f"Back it up and repair it with `mlflow db upgrade sqlite:///{path}`, or move it away."
+            ) from None
+        aside = path.with_name(f"{path.name}.half-built-{int(time.time())}")
+        os.replace(path, aside)
+        _forget_engine(f"sqlite:///{path}")
+        why = str(e).splitlines()[0][:200]
+        log.warning("MLflow store %s was half-built (%s); moved to %s and rebuilt", path, why, aside)
+        _init_sqlite_atomically(path)
+
+
+def _forget_engine(uri: str) -> None:
+    """MLflow caches one SQLAlchemy engine per URI; its pooled connections would keep reading the
+    moved-aside file."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for store in (SqlAlchemyStore, RegistryStore):
+        engine = getattr(store, "_engine_map", {}).pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+
+
+def _init_sqlite_atomically(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    _init_sqlite(tmp)
+    os.replace(tmp, path)
+
+
+def _stray_migration_tables(path: Path) -> list[str]:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            q = "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'"
+            return [r[0] for r in db.execute(q)]
+    except sqlite3.Error:
+        return []
+
+
+def _holds_runs(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    except sqlite3.Error:  # no runs table: nothing was ever recorded
+        return False
+
+
 def connect(
     uri: str,
     policy: RetryPolicy | None = None,
@@ -234,7 +329,7 @@ def connect(
     policy = policy or RetryPolicy()
     uri = _credentials_to_env(uri)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        ensure_sqlite_store(Path(uri[len("sqlite:///") :]))
     if not is_local_store(uri):
         # Our loop does the retrying; see the module docstring.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
