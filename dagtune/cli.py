@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         flow_run_id = str(state.state_details.flow_run_id)
         try:
             results = state.result()
-            rows = summarize(results, flow_run_id)
+            rows = summarize(results, flow_run_id, cfg.artifact_root)
         except Exception as e:  # a failed node: report which one, and what finished before it
             error = f"{type(e).__name__}: {e}"
             rows = failure_rows(cfg, t0)

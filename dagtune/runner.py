@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from dagtune.config import PipelineConfig
@@ -22,8 +23,14 @@ class UpstreamMissing(RuntimeError):
     """--only skipped a node whose artifact does not exist yet."""
 
 
-def _artifacts(upstream: dict[str, dict]) -> dict[str, Artifact]:
-    return {k: Artifact(v["node"], v["key"], v["path"]) for k, v in upstream.items()}
+def _artifacts(upstream: dict[str, dict], root: Path) -> dict[str, Artifact]:
+    # Results (and so Prefect's cache records) hold paths relative to the artifact root: a state dir
+    # moved or copied elsewhere reads its own artifacts, never the original location's.
+    return {k: Artifact(v["node"], v["key"], str(root / v["path"])) for k, v in upstream.items()}
+
+
+def _relative(path: str, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
 
 
 def node_key(name: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> str:
@@ -37,9 +44,10 @@ def cache_record_key(
     if name in (force or []):
         return None
     key = node_key(name, cfg, upstream)
-    # Verify before Prefect looks its record up: a damaged artifact is moved aside with the record
-    # inside it, so Prefect runs the task (which rebuilds) instead of serving a cached result.
-    ArtifactStore(cfg.artifact_root).get(name, key)
+    # Prefect serves its record only while the artifact is there and intact (verified here; a damaged
+    # one is moved aside): otherwise no cache, the task runs and rebuilds.
+    if ArtifactStore(cfg.artifact_root).get(name, key) is None:
+        return None
     return f"{name}/{key}/{PREFECT_RECORD}"
 
 
@@ -66,28 +74,33 @@ def run_task(
         art, res = run_node(
             name,
             cfg,
-            _artifacts(upstream),
+            _artifacts(upstream, cfg.artifact_root),
             force=name in (force or []),
             flow_run={"id": flow_run_id, "url": flow_run_url},
         )
         result = res.to_dict()
     log.info("node %s: %s in %.1fs (%s)", name, result["status"], result["seconds"], result["key"][:12])
-    return {**result, "node": name, "path": art.path, "flow_run_id": flow_run_id}
+    rel = _relative(art.path, cfg.artifact_root)
+    return {**result, "artifact": rel, "node": name, "path": rel, "flow_run_id": flow_run_id}
 
 
 def _row(name: str, status: str, seconds: float, key: str, artifact: str | None) -> dict[str, Any]:
     return {"name": name, "status": status, "seconds": seconds, "key": key, "artifact": artifact}
 
 
-def summarize(results: list[dict[str, Any]], flow_run_id: str | None) -> list[dict[str, Any]]:
+def summarize(
+    results: list[dict[str, Any]], flow_run_id: str | None, root: Path | None = None
+) -> list[dict[str, Any]]:
     """Per-node rows for `dagtune run --json`. A result recorded by another flow run came from
-    Prefect's task cache without the task running: it is `cached`."""
+    Prefect's task cache without the task running: it is `cached`. Artifact paths are resolved
+    against ``root`` (results hold them relative to it)."""
     rows = []
     for r in results:
         status, seconds = r["status"], r["seconds"]
         if flow_run_id and r.get("flow_run_id") and r["flow_run_id"] != flow_run_id:
             status, seconds = "cached", 0.0
-        rows.append(_row(r["name"], status, seconds, r["key"], r["artifact"]))
+        artifact = str(root / r["artifact"]) if root and r["artifact"] else r["artifact"]
+        rows.append(_row(r["name"], status, seconds, r["key"], artifact))
     return rows
 
 
@@ -109,13 +122,17 @@ def failure_rows(cfg: PipelineConfig, started: float) -> list[dict[str, Any]]:
 
 def prepare_environment(cfg: PipelineConfig) -> None:
     """Point Prefect at the project's state dir (embedded default: ephemeral local server, SQLite under
-    <state_dir>/prefect) and its local result storage at the artifact root. Must run before Prefect is
-    imported; an explicit PREFECT_API_URL / PREFECT_HOME in the environment wins."""
+    <state_dir>/prefect, results in <state_dir>/prefect-results) and remove temp dirs of killed runs.
+    Must run before Prefect is imported; an explicit PREFECT_API_URL / PREFECT_HOME in the
+    environment wins."""
     state = cfg.state_dir
     state.mkdir(parents=True, exist_ok=True)
     cfg.artifact_root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(cfg.artifact_root)
+    # Prefect's records and result files live beside the store, never inside it (the artifact root
+    # holds artifacts only); they hold paths relative to the artifact root.
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(state / "prefect-results")
+    ArtifactStore(cfg.artifact_root).clean_tmp()
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")

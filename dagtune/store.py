@@ -38,8 +38,8 @@ MANIFEST = "manifest.json"
 # size or mtime differs from the manifest, which a copy without -p or any in-place write changes.
 ALWAYS_HASH_BYTES = 32 << 20
 log = logging.getLogger("dagtune")
-# Prefect keeps its task-cache record next to the artifact (see tasks/_node.py): deleting an artifact
-# directory then also invalidates Prefect's cache entry for it.
+# Name of Prefect's task-cache record, kept under <state_dir>/prefect-results/<node>/<key>/ (outside
+# the artifact root); the runner hands Prefect its key only while the artifact verifies.
 PREFECT_RECORD = "prefect-result"
 TRACKED_LIBRARIES = (
     "torch",
@@ -245,7 +245,8 @@ class ArtifactStore:
             yield
 
     def tmp_dir(self, node: str, key: str) -> Path:
-        d = self.root / ".tmp" / f"{node}-{key}-{uuid.uuid4().hex[:8]}"
+        # The owner's pid in the name lets clean_tmp remove what a killed run left, and only that.
+        d = self.root / ".tmp" / f"{node}-{key}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
         d.mkdir(parents=True)
         return d
 
@@ -338,15 +339,43 @@ class ArtifactStore:
             shutil.rmtree(scratch, ignore_errors=True)
             return art, True
 
-    def clean_tmp(self, older_than_s: float = 24 * 3600) -> None:
-        """Remove temp dirs of killed runs (they never have a manifest at the final path)."""
+    def clean_tmp(self, older_than_s: float = 24 * 3600) -> list[str]:
+        """Remove what killed runs left in ``.tmp``: build dirs whose owner process is gone (its pid
+        is in the name), and anything else there (moved-aside damaged artifacts, older names) once
+        older than ``older_than_s``. Returns the names removed."""
         d = self.root / ".tmp"
         if not d.is_dir():
-            return
-        now = time.time()
+            return []
+        removed, now = [], time.time()
         for p in d.iterdir():
-            if now - p.stat().st_mtime > older_than_s:
+            owner = _owner_pid(p.name)
+            try:
+                stale = not _alive(owner) if owner else now - p.lstat().st_mtime > older_than_s
+            except OSError:
+                continue
+            if stale:
                 shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        if removed:
+            log.info("artifact store: removed %d temp dir(s) left by killed runs", len(removed))
+        return removed
+
+
+def _owner_pid(name: str) -> int | None:
+    parts = name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].startswith("p") and parts[1][1:].isdigit():
+        return int(parts[1][1:])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def dir_size(path: Path) -> int:

@@ -1,9 +1,9 @@
 """One factory for every node task: the Prefect side of ``dagtune.runner.run_task``.
 
-Prefect's task cache uses the node's content key. The cache record is written *inside* the artifact
-directory (``<store>/<node>/<key>/prefect-result``; the runner points Prefect's local result storage at
-the artifact root), so deleting an artifact also invalidates Prefect's cache entry, and a cached task
-shows as "Cached" in the Prefect UI.
+Prefect's task cache uses the node's content key. The cache record is written under
+``<state_dir>/prefect-results/<node>/<key>/prefect-result`` (outside the artifact root) and is offered
+to Prefect only while the artifact verifies, so a deleted or damaged artifact is rebuilt, and a cached
+task shows as "Cached" in the Prefect UI.
 """
 
 from __future__ import annotations

@@ -167,6 +167,27 @@ def test_corrupt_merged_weights_are_not_served_through_prefects_cache(built):
     assert artifact_problem(weights.parent.parent) is None
 
 
+def test_state_dir_copied_then_original_moved_runs_from_the_copy(built, tmp_path):
+    """Prefect's cache records hold artifact paths relative to the artifact root: the copy is all
+    cached and reads its own artifacts, with the original gone."""
+    import shutil
+
+    state, first = built
+    copy = tmp_path / "copied-state"
+    shutil.copytree(state, copy, symlinks=True)
+    moved = state.with_name(state.name + "-moved")
+    state.rename(moved)
+    try:
+        out = _run_json(copy, "--config", str(fast_config(moved.parent)))
+    finally:
+        moved.rename(state)
+    assert [n["status"] for n in out["nodes"]] == ["cached"] * len(NODE_ORDER)
+    assert all(Path(n["artifact"]).is_relative_to(copy / "artifacts") for n in out["nodes"])
+    records = list((copy / "prefect-results").glob("*/*/prefect-result"))
+    assert records and not any(json.dumps(str(state))[1:-1] in r.read_text() for r in records)
+    assert not list((copy / "artifacts").glob("*/*/prefect-result"))  # the store holds artifacts only
+
+
 def test_sigkill_mid_write_then_rerun(tmp_path):
     state = tmp_path / "state"
     env = _env(state)

@@ -436,3 +436,24 @@ def test_uploads_take_only_regular_files_listed_in_the_manifest(tmp_path):
     (art.dir / "link.json").symlink_to(tmp_path / "secret.json")
     (art.dir / "prefect-result").write_text("{}")
     assert [p.name for p in report_files(art.dir)] == [MANIFEST, "report.md", "stats.json"]
+
+
+def test_clean_tmp_removes_dirs_of_dead_owners_only(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    store = ArtifactStore(tmp_path)
+    mine = store.tmp_dir("n", "k1")  # this process: alive
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = tmp_path / ".tmp" / f"n-k2-p{int(dead_pid.stdout)}-abcd1234"
+    dead.mkdir()
+    old_corrupt = tmp_path / ".tmp" / "corrupt-n-k3-abcd1234"
+    old_corrupt.mkdir()
+    os.utime(old_corrupt, (time.time() - 2 * 86400,) * 2)
+    fresh_corrupt = tmp_path / ".tmp" / "corrupt-n-k4-abcd1234"
+    fresh_corrupt.mkdir()
+    assert sorted(store.clean_tmp()) == sorted([dead.name, old_corrupt.name])
+    assert mine.is_dir() and fresh_corrupt.is_dir()
