@@ -129,9 +129,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dagtune.procs import reap_children_on_exit
     from dagtune.runner import failure_rows, prepare_environment, summarize
 
     cfg = _load(args)
+    reap_children_on_exit()  # a killed run takes its Prefect server and converter with it
     prepare_environment(cfg)
     t0 = time.time()
     # --json: everything but the final object goes to stderr, so stdout parses as one JSON document.

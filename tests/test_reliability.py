@@ -457,3 +457,45 @@ def test_clean_tmp_removes_dirs_of_dead_owners_only(tmp_path):
     fresh_corrupt.mkdir()
     assert sorted(store.clean_tmp()) == sorted([dead.name, old_corrupt.name])
     assert mine.is_dir() and fresh_corrupt.is_dir()
+
+
+_PARENT = """
+import subprocess, sys, time
+from dagtune.procs import reap_children_on_exit
+reap_children_on_exit()
+child = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"])
+time.sleep(1.5)  # the watchdog has seen the child and the grandchild
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_children_and_grandchildren_die_with_a_sigkilled_parent():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dagtune.procs import descendants
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    int(parent.stdout.readline())
+    below = descendants(parent.pid)
+    assert len(below) >= 3  # watchdog, child, grandchild (sleep)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 15
+    alive = below
+    while time.time() < deadline and alive:
+        time.sleep(0.2)
+        alive = {p for p in below if _state(p) not in ("Z", "gone")}
+    assert not alive, f"still running after the parent's SIGKILL: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat[stat.rfind(")") + 2]
