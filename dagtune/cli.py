@@ -4,6 +4,7 @@
     dagtune status [--config PATH] [--profile NAME] [--json]
     dagtune config validate [--config PATH] [--profile NAME]
     dagtune promote MODEL (--version N | --rollback) [--reason TEXT] [--config PATH] [--profile NAME]
+    dagtune gc [--keep-runs N] [--dry-run] [--json] [--config PATH] [--profile NAME]
 
 Exit codes: 0 ok, 1 a node failed, 2 invalid config or usage.
 """
@@ -66,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
         "validate", help="validate the config (and every profile when --profile is not given)"
     )
     _add_config_args(val)
+
+    gc = sub.add_parser(
+        "gc",
+        help="delete artifacts that neither the last N runs, the current config nor a registered "
+        "model version use (the registry must be reachable)",
+    )
+    _add_config_args(gc)
+    gc.add_argument("--keep-runs", type=int, default=5, metavar="N", help="keep what the last N runs used")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("--json", action="store_true")
 
     pr = sub.add_parser(
         "promote",
@@ -173,6 +184,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = registry_block(register_dir)  # versions, gate outcome and aliases per model
     if registry is not None:
         out["registry"] = registry
+    from dagtune.gc import record_run
+    from dagtune.pipeline import plan
+
+    record_run(cfg.state_dir, cfg.profile, error is None, {n: p["key"] for n, p in plan(cfg).items()})
     if args.json:
         print(json.dumps(out))
     else:
@@ -183,6 +198,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("\n".join(registry_lines(registry)))
         print(("FAILED: " + error) if error else f"done in {out['seconds']:.1f}s")
     return 0 if error is None else 1
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from dagtune.gc import collect
+    from dagtune.registry.tracking import RegistryUnavailable
+
+    cfg = _load(args)
+    try:
+        out = collect(cfg, args.keep_runs, dry_run=args.dry_run)
+    except RegistryUnavailable as e:
+        print(f"dagtune gc: nothing deleted: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out))
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} {len(out['deleted'])} artifact(s), {out['bytes_freed'] / 1e6:.1f} MB")
+        for name in out["deleted"]:
+            print(f"  {name}")
+        for name in out["skipped_busy"]:
+            print(f"  {name} (in use: skipped)")
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -228,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.cmd == "promote":
             return cmd_promote(args)
+        if args.cmd == "gc":
+            return cmd_gc(args)
         return cmd_run(args)
     except ConfigError as e:
         print(f"dagtune: {e}", file=sys.stderr)

@@ -194,3 +194,54 @@ def test_first_init_killed_midway_leaves_no_store_and_the_rerun_builds_it(tmp_pa
     from mlflow import MlflowClient
 
     assert MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+
+
+# ------------------------------------------------------------------------------------------------
+# dagtune gc
+# ------------------------------------------------------------------------------------------------
+def test_gc_keeps_recent_runs_plan_and_registered_versions(cfg):
+    from dagtune.gc import collect, record_run
+
+    store = ArtifactStore(cfg.artifact_root)
+    arts = build_artifacts(store)
+    _run(cfg, arts)  # registers fc (adapter + gguf) and clf: their artifacts are referenced
+    old, _ = store.build_once(
+        "evaluate", {"old": 1}, lambda out, s: (out / "m.json").write_text("{}") and None
+    )
+    (store.root / ".scratch" / f"evaluate-{old.key}").mkdir(parents=True)
+    (cfg.state_dir / "prefect-results" / "evaluate" / old.key).mkdir(parents=True)
+    record_run(cfg.state_dir, "tiny", True, {"evaluate": arts["evaluate"].key})  # the last run used it
+
+    dry = collect(cfg, keep_runs=1, dry_run=True)
+    assert sorted(dry["deleted"]) == sorted(
+        [f"prepare_data/{arts['prepare_data'].key}", f"evaluate/{old.key}"]
+    )
+    assert store.get("evaluate", old.key) is not None  # a dry run deletes nothing
+
+    out = collect(cfg, keep_runs=1)
+    assert sorted(out["deleted"]) == sorted(dry["deleted"]) and out["bytes_freed"] > 0
+    assert (
+        store.get("evaluate", old.key) is None and store.get("prepare_data", arts["prepare_data"].key) is None
+    )
+    assert not (store.root / ".scratch" / f"evaluate-{old.key}").exists()
+    assert not (cfg.state_dir / "prefect-results" / "evaluate" / old.key).exists()
+    for node in ("train_function_calling", "convert_gguf", "train_classifier", "evaluate"):
+        assert store.get(node, arts[node].key) is not None, node
+    assert collect(cfg, keep_runs=0)["deleted"] == [f"evaluate/{arts['evaluate'].key}"]
+
+
+def test_gc_deletes_nothing_without_the_registry(cfg, monkeypatch, capsys):
+    from registry_helpers import free_port
+
+    from dagtune.cli import main
+
+    store = ArtifactStore(cfg.artifact_root)
+    art, _ = store.build_once(
+        "evaluate", {"old": 2}, lambda out, s: (out / "m.json").write_text("{}") and None
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("DAGTUNE_ARTIFACT_ROOT", str(cfg.artifact_root))
+    cfg_path = cfg.config_dir + "/pipeline_config.yaml"
+    assert main(["gc", "--config", cfg_path, "--profile", "tiny"]) == 1
+    assert "nothing deleted" in capsys.readouterr().err
+    assert store.get("evaluate", art.key) is not None
