@@ -499,3 +499,45 @@ def _state(pid: int) -> str:
     except OSError:
         return "gone"
     return stat[stat.rfind(")") + 2]
+
+
+@pytest.mark.parametrize("where", ["build", "manifest", "rename"])
+def test_disk_full_leaves_no_artifact_and_the_rerun_builds(tmp_path, monkeypatch, where):
+    import errno
+
+    store = ArtifactStore(tmp_path)
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def build(out, scratch):
+        _build(out, scratch)
+        if where == "build":
+            raise full
+
+    real_write, real_fsync = Path.write_text, store_mod.fsync_tree
+    if where == "manifest":
+        monkeypatch.setattr(
+            Path,
+            "write_text",
+            lambda p, *a, **k: (
+                (_ for _ in ()).throw(full) if p.name.endswith(".part") else real_write(p, *a, **k)
+            ),
+        )
+    if where == "rename":
+        monkeypatch.setattr(store_mod, "fsync_tree", lambda d: (_ for _ in ()).throw(full))
+    with pytest.raises(OSError, match="No space left"):
+        store.build_once("n", {"k": 11}, build)
+    monkeypatch.undo()
+    assert store.get("n", content_key({"k": 11})) is None and not list((tmp_path / ".tmp").iterdir())
+    assert real_fsync is store_mod.fsync_tree and _rebuilds(store, {"k": 11})
+
+
+def test_planted_environment_secrets_reach_no_artifact(root, monkeypatch):  # noqa: F811
+    from dagtune.pipeline import run_node
+    from tests.test_data import SMALL, make_cfg
+
+    secret = "PLANTED-env-secret-5c1a"
+    for var in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY"):
+        monkeypatch.setenv(var, secret)
+    cfg = make_cfg(**{t: SMALL for t in ("function_calling", "extractor", "classifier")})
+    run_node("prepare_data", cfg, {})
+    assert not [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
