@@ -185,9 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if registry is not None:
         out["registry"] = registry
     from dagtune.gc import record_run
-    from dagtune.pipeline import plan
 
-    record_run(cfg.state_dir, cfg.profile, error is None, {n: p["key"] for n, p in plan(cfg).items()})
+    record_run(cfg.state_dir, cfg.profile, error is None, {r["name"]: r["key"] for r in rows})
     if args.json:
         print(json.dumps(out))
     else:

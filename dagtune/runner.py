@@ -40,15 +40,21 @@ def node_key(name: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> str:
 def cache_record_key(
     name: str, cfg: PipelineConfig, upstream: dict[str, dict], force: list[str]
 ) -> str | None:
-    """Prefect cache key: a path inside the artifact dir; None (no cache) when the node is forced."""
+    """Prefect cache key: a path under prefect_results_dir; None (no cache) when the node is forced."""
     if name in (force or []):
         return None
     key = node_key(name, cfg, upstream)
+    record = f"{name}/{key}/{PREFECT_RECORD}"
     # Prefect serves its record only while the artifact is there and intact (verified here; a damaged
-    # one is moved aside): otherwise no cache, the task runs and rebuilds.
+    # one is moved aside): otherwise the record goes, the task runs and rebuilds.
     if ArtifactStore(cfg.artifact_root).get(name, key) is None:
-        return None
-    return f"{name}/{key}/{PREFECT_RECORD}"
+        (prefect_results_dir(cfg) / record).unlink(missing_ok=True)
+    return record
+
+
+def prefect_results_dir(cfg: PipelineConfig) -> Path:
+    """Prefect's result storage: beside the artifact store, never inside it."""
+    return cfg.state_dir / "prefect-results"
 
 
 def run_task(
@@ -131,7 +137,7 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     # Prefect's records and result files live beside the store, never inside it (the artifact root
     # holds artifacts only); they hold paths relative to the artifact root.
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(state / "prefect-results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(prefect_results_dir(cfg))
     ArtifactStore(cfg.artifact_root).clean_tmp()
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry

@@ -541,3 +541,25 @@ def test_planted_environment_secrets_reach_no_artifact(root, monkeypatch):  # no
     cfg = make_cfg(**{t: SMALL for t in ("function_calling", "extractor", "classifier")})
     run_node("prepare_data", cfg, {})
     assert not [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_prefect_record_is_dropped_when_its_artifact_is_damaged(state_dir):
+    from dagtune.config import load_config
+    from dagtune.pipeline import plan
+    from dagtune.runner import cache_record_key, prefect_results_dir
+
+    cfg = load_config(None, "tiny")
+    key = plan(cfg)["prepare_data"]["key"]
+    art, _ = ArtifactStore(cfg.artifact_root).build_once("prepare_data", {"x": 1}, _build)
+    good = ArtifactStore(cfg.artifact_root).path("prepare_data", key)
+    good.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(art.dir, good)  # an intact artifact under the planned key
+    record = cache_record_key("prepare_data", cfg, {}, [])
+    assert record == f"prepare_data/{key}/prefect-result"
+    stored = prefect_results_dir(cfg) / record
+    stored.parent.mkdir(parents=True)
+    stored.write_text("{}")
+    assert cache_record_key("prepare_data", cfg, {}, []) == record and stored.exists()
+    (good / "weights.bin").unlink()
+    assert cache_record_key("prepare_data", cfg, {}, []) == record and not stored.exists()
+    assert cache_record_key("prepare_data", cfg, {}, ["prepare_data"]) is None
