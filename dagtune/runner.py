@@ -45,11 +45,28 @@ def cache_record_key(
         return None
     key = node_key(name, cfg, upstream)
     record = f"{name}/{key}/{PREFECT_RECORD}"
+    stored = prefect_results_dir(cfg) / record
     # Prefect serves its record only while the artifact is there and intact (verified here; a damaged
-    # one is moved aside): otherwise the record goes, the task runs and rebuilds.
-    if ArtifactStore(cfg.artifact_root).get(name, key) is None:
-        (prefect_results_dir(cfg) / record).unlink(missing_ok=True)
+    # one is moved aside) and while the record belongs to this state dir: otherwise the record goes,
+    # the task runs (reusing the artifact, or rebuilding it) and Prefect writes a fresh one.
+    if ArtifactStore(cfg.artifact_root).get(name, key) is None or not _record_is_local(stored):
+        stored.unlink(missing_ok=True)
     return record
+
+
+def _record_is_local(stored: Path) -> bool:
+    """Prefect writes its record's own absolute path into it (metadata.storage_key) and writes there
+    again on a cache hit: a record copied with a moved state dir would recreate the old location."""
+    import json
+
+    try:
+        meta = json.loads(stored.read_bytes()).get("metadata") or {}
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    where = meta.get("storage_key")
+    return where is None or Path(where) == stored.resolve()
 
 
 def prefect_results_dir(cfg: PipelineConfig) -> Path:

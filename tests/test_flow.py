@@ -180,7 +180,11 @@ def test_state_dir_copied_then_original_moved_runs_from_the_copy(built, tmp_path
     try:
         out = _run_json(copy, "--config", str(fast_config(moved.parent)))
     finally:
+        recreated = sorted(str(p.relative_to(state)) for p in state.rglob("*")) if state.exists() else None
+        if recreated is not None:
+            shutil.rmtree(state)
         moved.rename(state)
+    assert recreated is None, f"the run on the copy wrote into the original location: {recreated[:5]}"
     assert [n["status"] for n in out["nodes"]] == ["cached"] * len(NODE_ORDER)
     assert all(Path(n["artifact"]).is_relative_to(copy / "artifacts") for n in out["nodes"])
     records = list((copy / "prefect-results").glob("*/*/prefect-result"))

@@ -563,3 +563,24 @@ def test_prefect_record_is_dropped_when_its_artifact_is_damaged(state_dir):
     (good / "weights.bin").unlink()
     assert cache_record_key("prepare_data", cfg, {}, []) == record and not stored.exists()
     assert cache_record_key("prepare_data", cfg, {}, ["prepare_data"]) is None
+
+
+def test_prefect_record_of_another_location_is_dropped(state_dir):
+    from dagtune.config import load_config
+    from dagtune.pipeline import plan
+    from dagtune.runner import cache_record_key, prefect_results_dir
+
+    cfg = load_config(None, "tiny")
+    key = plan(cfg)["prepare_data"]["key"]
+    art, _ = ArtifactStore(cfg.artifact_root).build_once("prepare_data", {"x": 2}, _build)
+    good = ArtifactStore(cfg.artifact_root).path("prepare_data", key)
+    good.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(art.dir, good)
+    stored = prefect_results_dir(cfg) / f"prepare_data/{key}/prefect-result"
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps({"metadata": {"storage_key": str(stored.resolve())}, "result": "{}"}))
+    cache_record_key("prepare_data", cfg, {}, [])
+    assert stored.exists()  # its own location: kept
+    stored.write_text(json.dumps({"metadata": {"storage_key": "/elsewhere/state/prefect-results/x"}}))
+    cache_record_key("prepare_data", cfg, {}, [])
+    assert not stored.exists()  # copied from another state dir: dropped, Prefect writes a fresh one
