@@ -697,8 +697,8 @@ def read_raw(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any]
             raise ConfigError(f"{p}: not usable YAML (nested too deeply)") from None
         if n > MAX_CONFIG_VALUES:
             raise ConfigError(
-                f"{p}: refused: the YAML expands to more than {MAX_CONFIG_VALUES} values (aliases/anchors "
-                "repeated into a bomb?); a pipeline config holds a few hundred"
+                f"{p}: refused: the YAML holds more than {MAX_CONFIG_VALUES} values once aliases are "
+                "expanded (an alias bomb, or not a config); a pipeline config holds a few hundred"
             )
         _PARSED.clear()
         _PARSED[cache_key] = raw
