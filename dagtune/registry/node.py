@@ -408,4 +408,7 @@ def key_inputs(cfg: Any) -> dict[str, Any]:
     from dagtune.redact import redact_uri
 
     # Without the credentials: a password change is not another output (nor guessable from a hash).
-    return {"tracking_uri_sha256": hashlib.sha256(redact_uri(cfg.tracking_uri).encode()).hexdigest()}
+    uri = redact_uri(cfg.tracking_uri)
+    if uri == f"sqlite:///{cfg.state_dir / 'mlflow.db'}":  # the embedded store moves with the state dir
+        uri = "sqlite:///<state_dir>/mlflow.db"
+    return {"tracking_uri_sha256": hashlib.sha256(uri.encode()).hexdigest()}
