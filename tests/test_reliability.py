@@ -584,3 +584,20 @@ def test_prefect_record_of_another_location_is_dropped(state_dir):
     stored.write_text(json.dumps({"metadata": {"storage_key": "/elsewhere/state/prefect-results/x"}}))
     cache_record_key("prepare_data", cfg, {}, [])
     assert not stored.exists()  # copied from another state dir: dropped, Prefect writes a fresh one
+
+
+def test_register_key_moves_with_the_state_dir_and_ignores_passwords(tmp_path, monkeypatch):
+    from dagtune.config import load_config
+    from dagtune.pipeline import plan
+
+    def register_key(**env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return plan(load_config(None, "tiny"), ["register"])["register"]["key"]
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a = register_key(DAGTUNE_STATE_DIR=str(tmp_path / "a"))
+    assert register_key(DAGTUNE_STATE_DIR=str(tmp_path / "b")) == a  # embedded store: same place in it
+    pw1 = register_key(MLFLOW_TRACKING_URI="http://alice:one@mlflow:5000")
+    assert register_key(MLFLOW_TRACKING_URI="http://alice:two@mlflow:5000") == pw1 != a
+    assert register_key(MLFLOW_TRACKING_URI="http://other:5000") != pw1
