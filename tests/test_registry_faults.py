@@ -205,9 +205,7 @@ def test_gc_keeps_recent_runs_plan_and_registered_versions(cfg):
     store = ArtifactStore(cfg.artifact_root)
     arts = build_artifacts(store)
     _run(cfg, arts)  # registers fc (adapter + gguf) and clf: their artifacts are referenced
-    old, _ = store.build_once(
-        "evaluate", {"old": 1}, lambda out, s: (out / "m.json").write_text("{}") and None
-    )
+    old, _ = store.build("evaluate", {"old": 1}, lambda out, s: (out / "m.json").write_text("{}") and None)
     (store.root / ".scratch" / f"evaluate-{old.key}").mkdir(parents=True)
     (cfg.state_dir / "prefect-results" / "evaluate" / old.key).mkdir(parents=True)
     record_run(cfg.state_dir, "tiny", True, {"evaluate": arts["evaluate"].key})  # the last run used it
@@ -236,9 +234,7 @@ def test_gc_deletes_nothing_without_the_registry(cfg, monkeypatch, capsys):
     from dagtune.cli import main
 
     store = ArtifactStore(cfg.artifact_root)
-    art, _ = store.build_once(
-        "evaluate", {"old": 2}, lambda out, s: (out / "m.json").write_text("{}") and None
-    )
+    art, _ = store.build("evaluate", {"old": 2}, lambda out, s: (out / "m.json").write_text("{}") and None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("DAGTUNE_ARTIFACT_ROOT", str(cfg.artifact_root))
     cfg_path = cfg.config_dir + "/pipeline_config.yaml"

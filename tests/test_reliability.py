@@ -42,14 +42,14 @@ def _rebuilds(store: ArtifactStore, inputs: dict) -> bool:
         calls.append(1)
         return _build(out, scratch)
 
-    _, ran = store.build_once("n", inputs, build)
+    _, ran = store.build("n", inputs, build)
     return ran and calls == [1]
 
 
 @pytest.mark.parametrize("rel", ["weights.bin", "sub/split.parquet"])
 def test_flipped_byte_is_not_served_and_the_key_rebuilds(tmp_path, caplog, rel):
     store = ArtifactStore(tmp_path)
-    art, _ = store.build_once("n", {"k": 1}, _build)
+    art, _ = store.build("n", {"k": 1}, _build)
     good = (art.dir / rel).read_bytes()
     _flip(art.dir / rel)
     with caplog.at_level(logging.WARNING, logger="dagtune"):
@@ -61,7 +61,7 @@ def test_flipped_byte_is_not_served_and_the_key_rebuilds(tmp_path, caplog, rel):
 
 def test_deleted_file_rebuilds(tmp_path):
     store = ArtifactStore(tmp_path)
-    art, _ = store.build_once("n", {"k": 2}, _build)
+    art, _ = store.build("n", {"k": 2}, _build)
     (art.dir / "sub" / "split.parquet").unlink()
     assert artifact_problem(art.dir) == "sub/split.parquet: missing"
     assert _rebuilds(store, {"k": 2})
@@ -69,7 +69,7 @@ def test_deleted_file_rebuilds(tmp_path):
 
 def test_truncated_grown_or_replaced_file_rebuilds(tmp_path):
     store = ArtifactStore(tmp_path)
-    art, _ = store.build_once("n", {"k": 3}, _build)
+    art, _ = store.build("n", {"k": 3}, _build)
     (art.dir / "weights.bin").write_bytes(b"short")
     assert "size 5 != manifest" in artifact_problem(art.dir)
     assert _rebuilds(store, {"k": 3})
@@ -81,7 +81,7 @@ def test_truncated_grown_or_replaced_file_rebuilds(tmp_path):
 def test_large_files_use_size_and_mtime_then_hash_when_they_moved(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "ALWAYS_HASH_BYTES", 0)
     store = ArtifactStore(tmp_path)
-    art, _ = store.build_once("n", {"k": 4}, _build)
+    art, _ = store.build("n", {"k": 4}, _build)
     p = art.dir / "weights.bin"
     hashed = []
     real = store_mod.sha256_file
@@ -99,7 +99,7 @@ def test_large_files_use_size_and_mtime_then_hash_when_they_moved(tmp_path, monk
 
 def test_copied_store_is_verified_and_served(tmp_path):
     store = ArtifactStore(tmp_path / "a")
-    art, _ = store.build_once("n", {"k": 5}, _build)
+    art, _ = store.build("n", {"k": 5}, _build)
     shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copyfile)  # mtimes change
     copy = ArtifactStore(tmp_path / "b")
     assert copy.get("n", art.key) is not None
@@ -108,7 +108,7 @@ def test_copied_store_is_verified_and_served(tmp_path):
 @pytest.mark.parametrize("text", ["", "{", '{"files": [', "[]", "null", '{"node": "n"}', "\x00\x00"])
 def test_empty_or_truncated_manifest_is_not_built(tmp_path, text):
     store = ArtifactStore(tmp_path)
-    art, _ = store.build_once("n", {"k": 6}, _build)
+    art, _ = store.build("n", {"k": 6}, _build)
     (art.dir / MANIFEST).write_text(text)
     assert store.get("n", art.key) is None
     assert store.list_keys("n") == []
@@ -144,7 +144,7 @@ def test_build_writing_a_symlink_fails(tmp_path):
         (out / "link.txt").symlink_to(secret)
 
     with pytest.raises(ArtifactError, match="symlink into its artifact: link.txt"):
-        store.build_once("n", {"k": 7}, build)
+        store.build("n", {"k": 7}, build)
     assert store.get("n", content_key({"k": 7})) is None
 
 
@@ -171,7 +171,7 @@ def test_commit_fsyncs_files_and_dirs_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", track_open)
     monkeypatch.setattr(os, "fsync", track_fsync)
     monkeypatch.setattr(os, "replace", track_replace)
-    ArtifactStore(tmp_path).build_once("n", {"k": 8}, _build)
+    ArtifactStore(tmp_path).build("n", {"k": 8}, _build)
     before = synced[: synced.index("<rename>")]
     assert {"weights.bin", "split.parquet", MANIFEST, "sub"} <= set(before)
     assert before[-1].startswith("n-")  # the temp dir itself, last
@@ -416,7 +416,7 @@ def test_config_is_parsed_once_per_process(tmp_path, monkeypatch):
 
 def test_a_symlink_planted_later_makes_the_artifact_damaged(tmp_path):
     store = ArtifactStore(tmp_path / "s")
-    art, _ = store.build_once("n", {"k": 9}, _build)
+    art, _ = store.build("n", {"k": 9}, _build)
     (tmp_path / "secret.txt").write_text("outside")
     (art.dir / "sub" / "notes.md").symlink_to(tmp_path / "secret.txt")
     assert artifact_problem(art.dir) == "sub/notes.md: symlink inside the artifact"
@@ -430,7 +430,7 @@ def test_uploads_take_only_regular_files_listed_in_the_manifest(tmp_path):
         (out / "report.md").write_text("# r")
         (out / "stats.json").write_text("{}")
 
-    art, _ = ArtifactStore(tmp_path / "s").build_once("n", {"k": 10}, build)
+    art, _ = ArtifactStore(tmp_path / "s").build("n", {"k": 10}, build)
     (tmp_path / "secret.json").write_text('{"token": "outside"}')
     (art.dir / "planted.md").write_text("not in the manifest")
     (art.dir / "link.json").symlink_to(tmp_path / "secret.json")
@@ -525,7 +525,7 @@ def test_disk_full_leaves_no_artifact_and_the_rerun_builds(tmp_path, monkeypatch
     if where == "rename":
         monkeypatch.setattr(store_mod, "fsync_tree", lambda d: (_ for _ in ()).throw(full))
     with pytest.raises(OSError, match="No space left"):
-        store.build_once("n", {"k": 11}, build)
+        store.build("n", {"k": 11}, build)
     monkeypatch.undo()
     assert store.get("n", content_key({"k": 11})) is None and not list((tmp_path / ".tmp").iterdir())
     assert real_fsync is store_mod.fsync_tree and _rebuilds(store, {"k": 11})
@@ -550,7 +550,7 @@ def test_prefect_record_is_dropped_when_its_artifact_is_damaged(state_dir):
 
     cfg = load_config(None, "tiny")
     key = plan(cfg)["prepare_data"]["key"]
-    art, _ = ArtifactStore(cfg.artifact_root).build_once("prepare_data", {"x": 1}, _build)
+    art, _ = ArtifactStore(cfg.artifact_root).build("prepare_data", {"x": 1}, _build)
     good = ArtifactStore(cfg.artifact_root).path("prepare_data", key)
     good.parent.mkdir(parents=True, exist_ok=True)
     os.replace(art.dir, good)  # an intact artifact under the planned key
@@ -572,7 +572,7 @@ def test_prefect_record_of_another_location_is_dropped(state_dir):
 
     cfg = load_config(None, "tiny")
     key = plan(cfg)["prepare_data"]["key"]
-    art, _ = ArtifactStore(cfg.artifact_root).build_once("prepare_data", {"x": 2}, _build)
+    art, _ = ArtifactStore(cfg.artifact_root).build("prepare_data", {"x": 2}, _build)
     good = ArtifactStore(cfg.artifact_root).path("prepare_data", key)
     good.parent.mkdir(parents=True, exist_ok=True)
     os.replace(art.dir, good)
