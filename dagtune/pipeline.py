@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from dagtune.code_identity import code_inputs
 from dagtune.config import PipelineConfig, RuntimeConfig
+from dagtune.logs import NODE_LOG, node_output_to
 from dagtune.store import Artifact, ArtifactStore, content_key
 
 log = logging.getLogger("dagtune")
@@ -267,10 +268,12 @@ def run_node(
         # Lock order, the same in every run and thread, so no cycle: node key lock (store.build) ->
         # training slot -> a base model's key lock (ensure_tiny); nothing is awaited while that last
         # one is held.
-        if not node.needs_training_slot:
-            return node.load(node.module)(ctx)
-        with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
-            return node.load(node.module)(ctx)
+        # Library logs, prints and progress bars of this node's thread: into its artifact (dagtune.logs).
+        with node_output_to(out / NODE_LOG):
+            if not node.needs_training_slot:
+                return node.load(node.module)(ctx)
+            with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
+                return node.load(node.module)(ctx)
 
     art, ran = store.build(name, inputs, compute, force=force)
     return art, NodeResult(name, "ran" if ran else "cached", time.time() - t0, key, art.path)

@@ -18,7 +18,9 @@ from dagtune.runner import cache_record_key, run_task
 
 def node_task(name: str):
     def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
-        return cache_record_key(name, parameters["cfg"], parameters["upstream"], parameters["force"])
+        return cache_record_key(
+            name, parameters["cfg"], parameters["upstream"], parameters["force"], parameters["only"]
+        )
 
     @task(
         name=name,
