@@ -3,6 +3,8 @@
     dagtune run [--config PATH] [--profile NAME] [--only NODE ...] [--force NODE ...] [--json] [-v]
     dagtune status [--config PATH] [--profile NAME] [--json]
     dagtune config validate [--config PATH] [--profile NAME]
+    dagtune deploy [--config PATH] [--profile NAME] [--json]
+    dagtune worker [--config PATH] [--profile NAME] [--name NAME]
     dagtune models [--config PATH] [--profile NAME] [--json]
     dagtune promote MODEL (--version N | --rollback) [--reason TEXT] [--config PATH] [--profile NAME]
 
@@ -84,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--rollback", action="store_true", help="champion back to the previous champion")
     pr.add_argument("--reason", default="", help="why (recorded as a tag with the user name)")
     pr.add_argument("--json", action="store_true", help="print the recorded event as JSON")
+
+    dp = sub.add_parser(
+        "deploy",
+        help="create or update the work pool, the GPU concurrency limit and the scheduled deployment "
+        "on the Prefect server (PREFECT_API_URL); runs use --profile",
+    )
+    _add_config_args(dp)
+    dp.add_argument("--json", action="store_true")
+    wk = sub.add_parser("worker", help="start a Prefect worker on the deployment's work pool")
+    _add_config_args(wk)
+    wk.add_argument("--name", default=None, help="worker name (default: Prefect's)")
 
     md = sub.add_parser("models", help="registered versions, aliases and promotion gate history (MLflow)")
     _add_config_args(md)
@@ -169,6 +182,12 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = _load(args)
     prepare_environment(cfg)
+    from tasks._node import prefect_server_configured
+
+    if prefect_server_configured():  # the shared GPU slots live on that server
+        from flows.deploy import ensure_gpu_limit_on_server
+
+        ensure_gpu_limit_on_server(cfg.deploy.gpu_slots)
     t0 = time.time()
     out = _run_flow(args, cfg, t0)
     out["seconds"] = round(time.time() - t0, 3)
@@ -250,6 +269,39 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from dagtune.deployment import deployment_spec
+    from dagtune.runner import prepare_environment
+
+    cfg = _load(args)
+    prepare_environment(cfg)
+    from flows.deploy import deploy
+
+    out = deploy(deployment_spec(cfg, args.config))
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(
+            f"deployment dagtune/{out['name']} ({out['deployment_id']}) on {out['work_pool_type']} pool "
+            f"{out['work_pool']!r} (pool {out['work_pool_status']}, GPU limit {out['gpu_limit_status']}: "
+            f"{out['gpu_slots']} slot(s)), "
+            f"cron {out['cron']!r} {out['timezone']}, profile {cfg.profile!r}"
+        )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from dagtune.deployment import worker_command, worker_env
+    from dagtune.runner import prepare_environment
+
+    cfg = _load(args)
+    prepare_environment(cfg)
+    return subprocess.call(worker_command(cfg, args.name), env=worker_env(dict(os.environ)))
+
+
 def main(argv: list[str] | None = None) -> int:
     from dagtune.logs import configure_console
 
@@ -266,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_promote(args)
         if args.cmd == "models":
             return cmd_models(args)
+        if args.cmd in ("deploy", "worker"):
+            return {"deploy": cmd_deploy, "worker": cmd_worker}[args.cmd](args)
         out = cmd_run(args)
         print_run(out)
         return 0 if out["ok"] else 1

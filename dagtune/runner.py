@@ -94,8 +94,10 @@ def run_task(
     force: list[str] | None = None,
     flow_run_id: str | None = None,
     flow_run_url: str | None = None,
+    local_gpu_slot: bool = True,
 ) -> dict[str, Any]:
-    """Run (or reuse) one node; returns a JSON-able result with the artifact reference."""
+    """Run (or reuse) one node; returns a JSON-able result with the artifact reference.
+    ``local_gpu_slot``: see ``pipeline.run_node``."""
     from dagtune.logs import ensure_dagtune_logger_level
 
     ensure_dagtune_logger_level()
@@ -110,14 +112,24 @@ def run_task(
             _artifacts(upstream),
             force=name in (force or []),
             flow_run={"id": flow_run_id, "url": flow_run_url},
+            local_gpu_slot=local_gpu_slot,
         )
         result = res.to_dict()
     _log_result(name, result)
     return {**result, "node": name, "path": result["artifact"], "flow_run_id": flow_run_id}
 
 
-def _row(name: str, status: str, seconds: float, key: str, artifact: str | None) -> dict[str, Any]:
-    return {"name": name, "status": status, "seconds": seconds, "key": key, "artifact": artifact}
+def _row(
+    name: str, status: str, seconds: float, key: str, artifact: str | None, wait: float = 0.0
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "status": status,
+        "seconds": seconds,
+        "wait_seconds": wait,
+        "key": key,
+        "artifact": artifact,
+    }
 
 
 def summarize(results: list[dict[str, Any]], flow_run_id: str | None) -> list[dict[str, Any]]:
@@ -125,10 +137,10 @@ def summarize(results: list[dict[str, Any]], flow_run_id: str | None) -> list[di
     Prefect's task cache without the task running: it is `cached`."""
     rows = []
     for r in results:
-        status, seconds = r["status"], r["seconds"]
+        status, seconds, wait = r["status"], r["seconds"], r.get("wait_seconds", 0.0)
         if flow_run_id and r.get("flow_run_id") and r["flow_run_id"] != flow_run_id:
-            status, seconds = "cached", 0.0
-        rows.append(_row(r["name"], status, seconds, r["key"], r["artifact"]))
+            status, seconds, wait = "cached", 0.0, 0.0
+        rows.append(_row(r["name"], status, seconds, r["key"], r["artifact"], wait))
     return rows
 
 
