@@ -292,14 +292,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     from dagtune.deployment import worker_command, worker_env
     from dagtune.runner import prepare_environment
 
     cfg = _load(args)
     prepare_environment(cfg)
-    return subprocess.call(worker_command(cfg, args.name), env=worker_env(dict(os.environ)))
+    cmd = worker_command(cfg, args.name)
+    # exec, not a child: a stop signal (compose, systemd, Ctrl-C) reaches the worker itself
+    os.execve(cmd[0], cmd, worker_env(dict(os.environ)))
+    return 0  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
