@@ -38,6 +38,7 @@ class Settings:
     config_dir: Path
     flow_run_id: str | None = None  # set by the orchestrator (Prefect) when there is one
     flow_run_url: str | None = None
+    resolved_config: dict[str, Any] | None = None  # the whole validated config, for the run's record
 
 
 @dataclass
@@ -183,6 +184,7 @@ def settings_for(cfg: PipelineConfig, flow_run: dict[str, str | None] | None = N
         profile=cfg.profile,
         config_hash=content_key(cfg.model_dump(mode="json", exclude={"config_dir"})),
         config_dir=Path(cfg.config_dir),
+        resolved_config=cfg.model_dump(mode="json"),
     )
 
 

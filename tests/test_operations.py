@@ -200,3 +200,26 @@ def test_json_when_prefect_is_unreachable(tmp_path):
         "--only", "prepare_data", env_extra={"PREFECT_API_URL": "http://127.0.0.1:9/api"}, tmp_path=tmp_path
     )
     assert rc == 1 and out["ok"] is False and "127.0.0.1:9" in out["error"]
+
+
+# -- the MLflow parent run --------------------------------------------------------------------------
+def test_parent_run_params_config_artifact_and_training_view(tmp_path):
+    from dagtune.registry.parent import (
+        EXPERIMENT_KIND_TAG,
+        TRAINING_KIND,
+        open_experiment_on_training_runs,
+        record_pipeline_run,
+    )
+    from dagtune.registry.tracking import TAG_CONFIG_HASH, TAG_GIT_COMMIT, TAG_PROFILE, connect, parent_run
+
+    tracker = connect(f"sqlite:///{tmp_path / 'mlflow.db'}", state_dir=tmp_path)
+    tags = {TAG_PROFILE: "tiny", TAG_CONFIG_HASH: "c" * 64, TAG_GIT_COMMIT: "abc123"}
+    with parent_run(tracker, "exp", run_name="p", tags=tags) as run_id:
+        record_pipeline_run(tracker, run_id, tags, {"register": {"experiment": "exp"}})
+        exp_id = tracker.experiment_id("exp")
+        open_experiment_on_training_runs(tracker, exp_id)
+    run = tracker.client.get_run(run_id)
+    assert run.data.params == {"profile": "tiny", "config_hash": "c" * 64, "git_commit": "abc123"}
+    local = tracker.client.download_artifacts(run_id, "config/resolved_config.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == {"register": {"experiment": "exp"}}
+    assert tracker.client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
