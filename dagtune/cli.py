@@ -97,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", help="start a Prefect worker on the deployment's work pool")
     _add_config_args(wk)
     wk.add_argument("--name", default=None, help="worker name (default: Prefect's)")
+    wk.add_argument(
+        "--healthcheck", action="store_true", help="serve the worker's /health on port 8080 (containers)"
+    )
 
     md = sub.add_parser("models", help="registered versions, aliases and promotion gate history (MLflow)")
     _add_config_args(md)
@@ -298,7 +301,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     prepare_environment(cfg)
-    cmd = worker_command(cfg, args.name)
+    cmd = worker_command(cfg, args.name, healthcheck=args.healthcheck)
     # exec, not a child: a stop signal (compose, systemd, Ctrl-C) reaches the worker itself
     os.execve(cmd[0], cmd, worker_env(dict(os.environ)))
     return 0  # not reached

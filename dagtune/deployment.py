@@ -59,11 +59,12 @@ def deployment_spec(cfg: PipelineConfig, config_path: str | None) -> dict[str, A
     }
 
 
-def worker_command(cfg: PipelineConfig, name: str | None = None) -> list[str]:
+def worker_command(cfg: PipelineConfig, name: str | None = None, healthcheck: bool = False) -> list[str]:
     """`prefect worker start` on the deployment's pool (its flow runs inherit this environment)."""
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", cfg.deploy.work_pool]
     cmd += ["--type", cfg.deploy.work_pool_type]
-    return cmd + (["--name", name] if name else [])
+    cmd += ["--name", name] if name else []
+    return cmd + (["--with-healthcheck"] if healthcheck else [])
 
 
 def worker_env(base: dict[str, str]) -> dict[str, str]:
