@@ -90,10 +90,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    state = tmp_path_factory.mktemp("flow") / "state"
-    first = _run_json(state)
-    return state, first
+def built(built_pipeline):
+    return built_pipeline  # conftest.py: built once per session, reused by tests/test_stack.py
 
 
 def test_first_run_builds_every_node(built):

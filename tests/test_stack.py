@@ -37,15 +37,18 @@ def _require_postgres() -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, built_pipeline):
     _require_postgres()
     root = tmp_path_factory.mktemp("stack")
+    # The artifacts tests/test_flow.py built: the worker reuses every node but register, whose key
+    # includes the tracking server (CI time; the run is still the worker's, through the server's cache).
+    state, _ = built_pipeline
     env = {
         **os.environ,
         "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
         "PREFECT_HOME": str(root / "prefect-client"),
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-        "DAGTUNE_STATE_DIR": str(root / "state"),
+        "DAGTUNE_STATE_DIR": str(state),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     env.pop("DAGTUNE_ARTIFACT_ROOT", None)
