@@ -208,6 +208,16 @@ def print_run(out: dict[str, Any]) -> None:
     print(("FAILED: " + out["error"]) if out.get("error") else f"done in {out['seconds']:.1f}s")
 
 
+def _describe_crash(e: Exception) -> str:
+    """The exception, and which Prefect server the run talked to (a refused connection names no URL)."""
+    import os
+
+    from dagtune.registry.tracking import redact_uri
+
+    api = os.environ.get("PREFECT_API_URL")
+    return f"{type(e).__name__}: {e}" + (f" (PREFECT_API_URL={redact_uri(api)})" if api else "")
+
+
 def _json_main(args: argparse.Namespace) -> int:
     """`run --json`: everything but the final object goes to stderr, and every outcome -- success, a
     failed node, a config error, an unreachable server, a crash -- is one JSON object on stdout."""
@@ -220,7 +230,7 @@ def _json_main(args: argparse.Namespace) -> int:
             out, rc = {"ok": False, "error": f"ConfigError: {e}", "nodes": []}, 2
         except Exception as e:  # noqa: BLE001 - the promise is one JSON object whatever happened
             logging.getLogger("dagtune").exception("dagtune run failed")
-            out, rc = {"ok": False, "error": f"{type(e).__name__}: {e}", "nodes": []}, 1
+            out, rc = {"ok": False, "error": _describe_crash(e), "nodes": []}, 1
     print(json.dumps(out, default=str), file=real_stdout)
     return rc
 
