@@ -223,3 +223,41 @@ def test_parent_run_params_config_artifact_and_training_view(tmp_path):
     local = tracker.client.download_artifacts(run_id, "config/resolved_config.json", str(tmp_path))
     assert json.loads(Path(local).read_text()) == {"register": {"experiment": "exp"}}
     assert tracker.client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+
+
+# -- the deployment spec ----------------------------------------------------------------------------
+def test_deployment_spec_takes_cron_timezone_pool_and_the_cli_profile(tmp_path, monkeypatch):
+    import yaml
+
+    from dagtune.config import DEFAULT_CONFIG, load_config
+    from dagtune.deployment import FLOW_ENTRYPOINT, REPO_ROOT, deployment_spec, worker_command, worker_env
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["deploy"].update(cron="30 3 * * 1-5", timezone="Europe/Berlin", work_pool="gpu-a", gpu_slots=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    cfg = load_config(path)  # no --profile: the config's default_profile, as `dagtune run`
+    spec = deployment_spec(cfg, str(path))
+    assert (spec["cron"], spec["timezone"], spec["work_pool"], spec["gpu_slots"]) == (
+        "30 3 * * 1-5",
+        "Europe/Berlin",
+        "gpu-a",
+        2,
+    )
+    assert spec["parameters"] == {"run": {"profile": raw["default_profile"], "config_path": str(path)}}
+    RunRequest.model_validate(spec["parameters"]["run"])  # the deployment's defaults pass its own form
+    assert spec["entrypoint"] == FLOW_ENTRYPOINT and spec["job_variables"]["working_dir"] == str(REPO_ROOT)
+    env = spec["job_variables"]["env"]
+    assert (
+        env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "dagtune"
+        and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    )
+    assert worker_command(cfg, healthcheck=True)[-5:] == [
+        "--pool",
+        "gpu-a",
+        "--type",
+        "process",
+        "--with-healthcheck",
+    ]
+    assert worker_env({"PREFECT_LOGGING_EXTRA_LOGGERS": "x"})["PREFECT_LOGGING_EXTRA_LOGGERS"] == "x,dagtune"
