@@ -187,6 +187,8 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     # The embedded server's first start (SQLite migrations) took over 20 s, Prefect's default wait, on
     # a loaded 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # ...and its SQLite writes hit "database is locked" after Prefect's 10 s connect timeout there.
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     add_dagtune_to_prefect_logs(os.environ)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
