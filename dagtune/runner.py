@@ -201,4 +201,3 @@ def add_dagtune_to_prefect_logs(env: MutableMapping[str, str]) -> None:
     if "dagtune" not in extra:
         env["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*extra, "dagtune"])
     env.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-
