@@ -25,26 +25,29 @@ def _short(v: Any) -> Any:
     return round(v, 4) if isinstance(v, float) else v
 
 
+def _evaluate_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: _short(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "seconds_total"}
+
+
+def _register_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("version", "gate_passed", "champion")
+    return {m: {k: r.get(k) for k in keys if k in r} for m, r in metrics.items() if isinstance(r, dict)}
+
+
+def _gguf_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for model, files in metrics.items():
+        for quant, f in (files if isinstance(files, dict) else {}).items():
+            if isinstance(f, dict):
+                out[f"{model}_{quant}_top1"] = _short(f.get("parity", {}).get("top1_agreement"))
+    return out
+
+
 def headline(node: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of a node's manifest metrics that the run log and the table show."""
-    if node == "evaluate":
-        return {
-            k: _short(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "seconds_total"
-        }
-    if node == "register":
-        return {
-            m: {k: r.get(k) for k in ("version", "gate_passed", "champion") if k in r}
-            for m, r in metrics.items()
-            if isinstance(r, dict)
-        }
-    if node == "convert_gguf":
-        return {
-            f"{m}_{q}_top1": _short(f.get("parity", {}).get("top1_agreement"))
-            for m, files in metrics.items()
-            if isinstance(files, dict)
-            for q, f in files.items()
-            if isinstance(f, dict)
-        }
+    special = {"evaluate": _evaluate_headline, "register": _register_headline, "convert_gguf": _gguf_headline}
+    if node in special:
+        return special[node](metrics)
     return {k: _short(metrics[k]) for k in HEADLINE_KEYS.get(node, ()) if k in metrics}
 
 
