@@ -36,6 +36,7 @@ def main() -> None:
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    from dagtune.run_request import RunRequest
     from flows.pipeline import dagtune_pipeline
 
     @task
@@ -53,7 +54,9 @@ def main() -> None:
 
     n = len(NODE_ORDER)
     t = time.time()
-    dagtune_pipeline(profile=cfg.profile or None)  # builds anything missing; then everything is cached
+    dagtune_pipeline(
+        run=RunRequest(profile=cfg.profile or None)
+    )  # builds anything missing; then everything is cached
     first = time.time() - t
     empty_flow(n)  # warm-up
 
@@ -62,7 +65,9 @@ def main() -> None:
         fn(*a, **kw)
         return time.perf_counter() - t0
 
-    cached = [timed(dagtune_pipeline, profile=cfg.profile or None) for _ in range(args.repeats)]
+    cached = [
+        timed(dagtune_pipeline, run=RunRequest(profile=cfg.profile or None)) for _ in range(args.repeats)
+    ]
     empty = [timed(empty_flow, n) for _ in range(args.repeats)]
     res = {
         "benchmark": "cached_run_overhead",

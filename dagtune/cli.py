@@ -1,8 +1,11 @@
 """The `dagtune` command line.
 
-    dagtune run [--config PATH] [--profile NAME] [--only NODE ...] [--force NODE ...] [--json]
+    dagtune run [--config PATH] [--profile NAME] [--only NODE ...] [--force NODE ...] [--json] [-v]
     dagtune status [--config PATH] [--profile NAME] [--json]
     dagtune config validate [--config PATH] [--profile NAME]
+    dagtune deploy [--config PATH] [--profile NAME] [--json]
+    dagtune worker [--config PATH] [--profile NAME] [--name NAME]
+    dagtune models [--config PATH] [--profile NAME] [--json]
     dagtune promote MODEL (--version N | --rollback) [--reason TEXT] [--config PATH] [--profile NAME]
     dagtune gc [--keep-runs N] [--dry-run] [--json] [--config PATH] [--profile NAME]
 
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         help="recompute these nodes even when their artifact exists",
     )
     run.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="also show library logs (default: dagtune's lines only)"
+    )
 
     st = sub.add_parser("status", help="each node's key and whether its artifact exists")
     _add_config_args(st)
@@ -91,6 +97,24 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--rollback", action="store_true", help="champion back to the previous champion")
     pr.add_argument("--reason", default="", help="why (recorded as a tag with the user name)")
     pr.add_argument("--json", action="store_true", help="print the recorded event as JSON")
+
+    dp = sub.add_parser(
+        "deploy",
+        help="create or update the work pool, the GPU concurrency limit and the scheduled deployment "
+        "on the Prefect server (PREFECT_API_URL); runs use --profile",
+    )
+    _add_config_args(dp)
+    dp.add_argument("--json", action="store_true")
+    wk = sub.add_parser("worker", help="start a Prefect worker on the deployment's work pool")
+    _add_config_args(wk)
+    wk.add_argument("--name", default=None, help="worker name (default: Prefect's)")
+    wk.add_argument(
+        "--healthcheck", action="store_true", help="serve the worker's /health on port 8080 (containers)"
+    )
+
+    md = sub.add_parser("models", help="registered versions, aliases and promotion gate history (MLflow)")
+    _add_config_args(md)
+    md.add_argument("--json", action="store_true")
     return ap
 
 
@@ -139,64 +163,94 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _run_flow(args: argparse.Namespace, cfg: PipelineConfig, t0: float) -> dict[str, Any]:
+    from dagtune.run_request import RunRequest
+    from dagtune.runner import failure_rows, summarize
+    from flows.pipeline import dagtune_pipeline
+
+    request = RunRequest(
+        config_path=args.config, profile=cfg.profile or None, only=args.only, force=args.force
+    )
+    state = dagtune_pipeline(run=request, return_state=True)
+    flow_run_id = str(state.state_details.flow_run_id)
+    error: str | None = None
+    try:
+        rows = summarize(state.result(), flow_run_id, cfg.artifact_root)
+    except Exception as e:  # a failed node: report which one, and what finished before it
+        error = f"{type(e).__name__}: {e}"
+        rows = failure_rows(cfg, t0, only=args.only, force=args.force)
+    out = {"ok": error is None, "profile": cfg.profile, "flow_run_id": flow_run_id, "nodes": rows}
+    out.update(_registry(rows))
+    from dagtune.gc import record_run
+
+    record_run(cfg.state_dir, cfg.profile, error is None, {r["name"]: r["key"] for r in rows})
+    return {**out, "error": error} if error else out
+
+
+def _registry(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The register node's versions, gate outcome and aliases per model (dagtune.registry), if it ran."""
+    from dagtune.registry.node import registry_block
+
+    register_dir = next((r.get("artifact") for r in rows if r["name"] == "register"), None)
+    registry = registry_block(register_dir)
+    return {} if registry is None else {"registry": registry}
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from dagtune.procs import reap_children_on_exit
-    from dagtune.runner import failure_rows, prepare_environment, summarize
+    from dagtune.runner import prepare_environment
 
     cfg = _load(args)
     reap_children_on_exit()  # a killed run takes its Prefect server and converter with it
     prepare_environment(cfg)
+    from tasks._node import prefect_server_configured
+
+    if prefect_server_configured():  # the shared GPU slots live on that server
+        from flows.deploy import ensure_gpu_limit_on_server
+
+        ensure_gpu_limit_on_server(cfg.deploy.gpu_slots)
     t0 = time.time()
-    # --json: everything but the final object goes to stderr, so stdout parses as one JSON document.
-    redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    error: str | None = None
-    rows: list[dict[str, Any]] = []
-    flow_run_id = None
-    with redirect:
-        from flows.pipeline import dagtune_pipeline
+    out = _run_flow(args, cfg, t0)
+    out["seconds"] = round(time.time() - t0, 3)
+    return out
 
-        state = dagtune_pipeline(
-            config_path=args.config,
-            profile=cfg.profile or None,
-            only=args.only,
-            force=args.force,
-            return_state=True,
-        )
-        flow_run_id = str(state.state_details.flow_run_id)
+
+def print_run(out: dict[str, Any]) -> None:
+    from dagtune.registry.node import registry_lines
+
+    for r in out.get("nodes", []):
+        print(f"  {r['name']:<24} {r['status']:<7} {r['seconds']:8.1f}s  {r['key'][:12]}")
+    if out.get("registry") is not None:
+        print("registry:")
+        print("\n".join(registry_lines(out["registry"])))
+    print(("FAILED: " + out["error"]) if out.get("error") else f"done in {out['seconds']:.1f}s")
+
+
+def _describe_crash(e: Exception) -> str:
+    """The exception, and which Prefect server the run talked to (a refused connection names no URL)."""
+    import os
+
+    from dagtune.registry.tracking import redact_uri
+
+    api = os.environ.get("PREFECT_API_URL")
+    return f"{type(e).__name__}: {e}" + (f" (PREFECT_API_URL={redact_uri(api)})" if api else "")
+
+
+def _json_main(args: argparse.Namespace) -> int:
+    """`run --json`: everything but the final object goes to stderr, and every outcome -- success, a
+    failed node, a config error, an unreachable server, a crash -- is one JSON object on stdout."""
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
         try:
-            results = state.result()
-            rows = summarize(results, flow_run_id, cfg.artifact_root)
-        except Exception as e:  # a failed node: report which one, and what finished before it
-            error = f"{type(e).__name__}: {e}"
-            rows = failure_rows(cfg, t0)
-    out = {
-        "ok": error is None,
-        "profile": cfg.profile,
-        "flow_run_id": flow_run_id,
-        "seconds": round(time.time() - t0, 3),
-        "nodes": rows,
-    }
-    if error:
-        out["error"] = error
-    from dagtune.registry.node import registry_block, registry_lines
-
-    register_dir = next((r.get("artifact") for r in rows if r["name"] == "register"), None)
-    registry = registry_block(register_dir)  # versions, gate outcome and aliases per model
-    if registry is not None:
-        out["registry"] = registry
-    from dagtune.gc import record_run
-
-    record_run(cfg.state_dir, cfg.profile, error is None, {r["name"]: r["key"] for r in rows})
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for r in rows:
-            print(f"  {r['name']:<24} {r['status']:<7} {r['seconds']:8.1f}s  {r['key'][:12]}")
-        if registry is not None:
-            print("registry:")
-            print("\n".join(registry_lines(registry)))
-        print(("FAILED: " + error) if error else f"done in {out['seconds']:.1f}s")
-    return 0 if error is None else 1
+            out = cmd_run(args)
+            rc = 0 if out["ok"] else 1
+        except ConfigError as e:
+            out, rc = {"ok": False, "error": f"ConfigError: {e}", "nodes": []}, 2
+        except Exception as e:  # noqa: BLE001 - the promise is one JSON object whatever happened
+            logging.getLogger("dagtune").exception("dagtune run failed")
+            out, rc = {"ok": False, "error": _describe_crash(e), "nodes": []}, 1
+    print(json.dumps(out, default=str), file=real_stdout)
+    return rc
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -252,11 +306,64 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from dagtune.models_view import format_summary, model_summary
+    from dagtune.registry.node import tracker_for
+    from dagtune.registry.tracking import RegistryUnavailable
+
+    cfg = _load(args)
+    try:
+        tracker = tracker_for(cfg)
+        models = [model_summary(tracker, rm.name) for rm in cfg.register.models.values()]
+    except RegistryUnavailable as e:
+        print(f"dagtune models: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"models": models}, default=str) if args.json else format_summary(models))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from dagtune.deployment import deployment_spec
+    from dagtune.runner import prepare_environment
+
+    cfg = _load(args)
+    prepare_environment(cfg)
+    from flows.deploy import deploy
+
+    out = deploy(deployment_spec(cfg, args.config))
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(
+            f"deployment dagtune/{out['name']} ({out['deployment_id']}) on {out['work_pool_type']} pool "
+            f"{out['work_pool']!r} (pool {out['work_pool_status']}, GPU limit {out['gpu_limit_status']}: "
+            f"{out['gpu_slots']} slot(s)), "
+            f"cron {out['cron']!r} {out['timezone']}, profile {cfg.profile!r}"
+        )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    from dagtune.deployment import worker_command, worker_env
+    from dagtune.runner import prepare_environment
+
+    cfg = _load(args)
+    prepare_environment(cfg)
+    cmd = worker_command(cfg, args.name, healthcheck=args.healthcheck)
+    # exec, not a child: a stop signal (compose, systemd, Ctrl-C) reaches the worker itself
+    os.execve(cmd[0], cmd, worker_env(dict(os.environ)))
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    from dagtune.logs import configure_console
+
     args = _parser().parse_args(argv)
+    configure_console(verbose=getattr(args, "verbose", False))
+    if args.cmd == "run" and args.json:
+        return _json_main(args)
     try:
         if args.cmd == "config":
             return cmd_validate(args)
@@ -266,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_promote(args)
         if args.cmd == "gc":
             return cmd_gc(args)
-        return cmd_run(args)
+        if args.cmd == "models":
+            return cmd_models(args)
+        if args.cmd in ("deploy", "worker"):
+            return {"deploy": cmd_deploy, "worker": cmd_worker}[args.cmd](args)
+        out = cmd_run(args)
+        print_run(out)
+        return 0 if out["ok"] else 1
     except ConfigError as e:
         print(f"dagtune: {e}", file=sys.stderr)
         return 2

@@ -527,6 +527,28 @@ class RegisterConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------
+# deploy (operations: not a node, not part of any key)
+# ----------------------------------------------------------------------------------------------
+class DeployConfig(Section):
+    name: str = F("nightly", "Name of the Prefect deployment `dagtune deploy` creates or updates.")
+    work_pool: str = F("dagtune-gpu", "Prefect work pool the deployment runs on; `dagtune worker` polls it.")
+    work_pool_type: Literal["process", "docker", "kubernetes"] = F(
+        "process",
+        "Type of the work pool when `dagtune deploy` creates it (an existing pool is left as it is). "
+        "docker and kubernetes need the prefect-docker / prefect-kubernetes worker packages; their job "
+        "variables (image, GPU requests) are documented in README, Deployments.",
+    )
+    cron: str = F("0 2 * * *", "Schedule of the nightly run (cron syntax).")
+    timezone: str = F("UTC", "IANA time zone the cron schedule is read in, e.g. Europe/Berlin.")
+    gpu_slots: int = F(
+        1,
+        "GPUs of the worker: a Prefect concurrency limit with this many slots is taken by every "
+        "model-loading node (training, evaluate, convert_gguf), so one node at a time uses one GPU.",
+        ge=1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # root
 # ----------------------------------------------------------------------------------------------
 # `register` is a node name; pydantic warns that it shadows ABCMeta.register, which nothing here uses.
@@ -549,6 +571,9 @@ class PipelineConfig(Section):
         default_factory=ConvertGgufConfig, description="The convert_gguf node."
     )
     register: RegisterConfig = F(default_factory=RegisterConfig, description="The register node.")
+    deploy: DeployConfig = F(
+        default_factory=DeployConfig, description="The Prefect deployment, work pool and GPU slots."
+    )
 
     # Filled by load_config, not by the YAML.
     profile: str = F("", "Name of the profile applied (set by the loader).")

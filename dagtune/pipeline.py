@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from dagtune.code_identity import code_inputs
 from dagtune.config import PipelineConfig, RuntimeConfig
+from dagtune.logs import NODE_LOG, node_output_to
 from dagtune.redact import redact
 from dagtune.store import Artifact, ArtifactStore, content_key
 
@@ -38,6 +39,7 @@ class Settings:
     config_dir: Path
     flow_run_id: str | None = None  # set by the orchestrator (Prefect) when there is one
     flow_run_url: str | None = None
+    resolved_config: dict[str, Any] | None = None  # the whole validated config, for the run's record
 
 
 @dataclass
@@ -183,6 +185,7 @@ def settings_for(cfg: PipelineConfig, flow_run: dict[str, str | None] | None = N
         profile=cfg.profile,
         config_hash=content_key(cfg.model_dump(mode="json", exclude={"config_dir"})),
         config_dir=Path(cfg.config_dir),
+        resolved_config=cfg.model_dump(mode="json"),
     )
 
 
@@ -223,6 +226,7 @@ class NodeResult:
     key: str
     artifact: str | None
     error: str | None = None
+    wait_seconds: float = 0.0  # waiting for a GPU slot: not part of `seconds`
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -231,6 +235,7 @@ class NodeResult:
             "seconds": round(self.seconds, 3),
             "key": self.key,
             "artifact": self.artifact,
+            "wait_seconds": round(self.wait_seconds, 3),
         }
         if self.error:
             d["error"] = self.error
@@ -243,9 +248,15 @@ def run_node(
     upstream: dict[str, Artifact],
     force: bool = False,
     flow_run: dict[str, str | None] | None = None,
+    local_gpu_slot: bool = True,
 ) -> tuple[Artifact, NodeResult]:
-    """Return the node's artifact, computing it only if its manifest is not in the store yet."""
+    """Return the node's artifact, computing it only if its manifest is not in the store yet.
+
+    ``local_gpu_slot``: a model-loading node takes a host-local file-lock slot. The Prefect tasks turn it
+    off when a Prefect server is configured: there its slot is a Prefect concurrency limit (tasks/_node.py).
+    """
     t0 = time.time()
+    waited: list[float] = []
     node = NODES[name]
     missing = [u for u in node.upstream if u not in upstream]
     if missing:
@@ -269,13 +280,19 @@ def run_node(
         # Lock order, the same in every run and thread, so no cycle: node key lock (store.build) ->
         # training slot -> a base model's key lock (ensure_tiny); nothing is awaited while that last
         # one is held.
-        if not node.needs_training_slot:
-            return node.load(node.module)(ctx)
-        with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
-            return node.load(node.module)(ctx)
+        # Library logs, prints and progress bars of this node's thread: into its artifact (dagtune.logs).
+        with node_output_to(out / NODE_LOG):
+            if not (node.needs_training_slot and local_gpu_slot):
+                return node.load(node.module)(ctx)
+            t_wait = time.time()
+            with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
+                waited.append(time.time() - t_wait)
+                return node.load(node.module)(ctx)
 
     art, ran = store.build(name, inputs, compute, force=force)
-    return art, NodeResult(name, "ran" if ran else "cached", time.time() - t0, key, art.path)
+    wait = sum(waited)
+    status = "ran" if ran else "cached"
+    return art, NodeResult(name, status, time.time() - t0 - wait, key, art.path, wait_seconds=wait)
 
 
 @contextmanager

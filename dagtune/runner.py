@@ -7,13 +7,15 @@ Prefect (home, local result storage) at the project's state directory before Pre
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 from dagtune.config import PipelineConfig
-from dagtune.pipeline import node_inputs, run_node
+from dagtune.pipeline import NODE_ORDER, NODES, node_inputs, run_node
 from dagtune.store import PREFECT_RECORD, Artifact, ArtifactStore, content_key
 
 log = logging.getLogger("dagtune")
@@ -25,23 +27,35 @@ class UpstreamMissing(RuntimeError):
 
 def _artifacts(upstream: dict[str, dict], root: Path) -> dict[str, Artifact]:
     # Results (and so Prefect's cache records) hold paths relative to the artifact root: a state dir
-    # moved or copied elsewhere reads its own artifacts, never the original location's.
-    return {k: Artifact(v["node"], v["key"], str(root / v["path"])) for k, v in upstream.items()}
+    # moved or copied elsewhere reads its own artifacts, never the original location's. A node that
+    # --only skipped has no artifact.
+    return {
+        k: Artifact(v["node"], v["key"], str(root / v["path"])) for k, v in upstream.items() if v.get("path")
+    }
 
 
-def _relative(path: str, root: Path) -> str:
-    return Path(path).relative_to(root).as_posix()
+def _relative(path: str | None, root: Path) -> str | None:
+    return Path(path).relative_to(root).as_posix() if path else None
 
 
 def node_key(name: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> str:
     return content_key(node_inputs(name, cfg, {k: v["key"] for k, v in upstream.items()}))
 
 
+def selected(name: str, only: list[str] | None) -> bool:
+    return not only or name in only
+
+
 def cache_record_key(
-    name: str, cfg: PipelineConfig, upstream: dict[str, dict], force: list[str]
+    name: str,
+    cfg: PipelineConfig,
+    upstream: dict[str, dict],
+    force: list[str],
+    only: list[str] | None = None,
 ) -> str | None:
-    """Prefect cache key: a path under prefect_results_dir; None (no cache) when the node is forced."""
-    if name in (force or []):
+    """Prefect cache key: a path under prefect_results_dir. None (no cache) when the node is forced, or
+    not selected by ``only`` (a `skipped` result must never be replayed to a later run)."""
+    if name in (force or []) or not selected(name, only):
         return None
     key = node_key(name, cfg, upstream)
     record = f"{name}/{key}/{PREFECT_RECORD}"
@@ -74,6 +88,41 @@ def prefect_results_dir(cfg: PipelineConfig) -> Path:
     return cfg.state_dir / "prefect-results"
 
 
+def _position(name: str) -> str:
+    return f"[{NODE_ORDER.index(name) + 1}/{len(NODE_ORDER)}]"
+
+
+def _unselected_result(name: str, cfg: PipelineConfig, upstream: dict[str, dict]) -> dict[str, Any]:
+    """--only left this node out: reuse its artifact when it exists, else it is `skipped`."""
+    key = node_key(name, cfg, upstream)
+    art = ArtifactStore(cfg.artifact_root).get(name, key)
+    status = "cached" if art else "skipped"
+    return {"name": name, "status": status, "seconds": 0.0, "key": key, "artifact": art.path if art else None}
+
+
+def _check_upstream_built(name: str, upstream: dict[str, dict]) -> None:
+    missing = [u for u, r in upstream.items() if u in NODES[name].upstream and not r.get("artifact")]
+    if missing:
+        raise UpstreamMissing(
+            f"node {name} needs {missing}, which --only skipped and which are not built yet; "
+            f"add them to --only"
+        )
+
+
+def _log_result(name: str, result: dict[str, Any]) -> None:
+    took = "not selected and not built" if result["status"] == "skipped" else f"in {result['seconds']:.1f}s"
+    log.info("%s node %s: %s %s (key %s)", _position(name), name, result["status"], took, result["key"][:12])
+    waited = result.get("wait_seconds")
+    if waited:
+        log.info("node %s: waited %.1fs for a GPU slot (not in its seconds)", name, waited)
+    if result.get("artifact"):
+        from dagtune.report import _manifest_metrics, headline
+
+        metrics = headline(name, _manifest_metrics(result["artifact"]))
+        if metrics:
+            log.info("node %s: %s", name, json.dumps(metrics, default=str))
+
+
 def run_task(
     name: str,
     cfg: PipelineConfig,
@@ -82,33 +131,43 @@ def run_task(
     force: list[str] | None = None,
     flow_run_id: str | None = None,
     flow_run_url: str | None = None,
+    local_gpu_slot: bool = True,
 ) -> dict[str, Any]:
-    """Run (or reuse) one node; returns a JSON-able result with the artifact reference."""
-    if only and name not in only:
-        key = node_key(name, cfg, upstream)
-        art = ArtifactStore(cfg.artifact_root).get(name, key)
-        if art is None:
-            raise UpstreamMissing(
-                f"node {name} is not selected by --only and has no artifact for key {key[:12]}; "
-                f"run it first or add it to --only"
-            )
-        result = {"name": name, "status": "cached", "seconds": 0.0, "key": key, "artifact": art.path}
+    """Run (or reuse) one node; returns a JSON-able result with the artifact reference.
+    ``local_gpu_slot``: see ``pipeline.run_node``."""
+    from dagtune.logs import ensure_dagtune_logger_level
+
+    ensure_dagtune_logger_level()
+    if not selected(name, only):
+        result = _unselected_result(name, cfg, upstream)
     else:
+        _check_upstream_built(name, upstream)
+        log.info("%s node %s: started", _position(name), name)
         art, res = run_node(
             name,
             cfg,
             _artifacts(upstream, cfg.artifact_root),
             force=name in (force or []),
             flow_run={"id": flow_run_id, "url": flow_run_url},
+            local_gpu_slot=local_gpu_slot,
         )
         result = res.to_dict()
-    log.info("node %s: %s in %.1fs (%s)", name, result["status"], result["seconds"], result["key"][:12])
-    rel = _relative(art.path, cfg.artifact_root)
+    _log_result(name, result)
+    rel = _relative(result["artifact"], cfg.artifact_root)
     return {**result, "artifact": rel, "node": name, "path": rel, "flow_run_id": flow_run_id}
 
 
-def _row(name: str, status: str, seconds: float, key: str, artifact: str | None) -> dict[str, Any]:
-    return {"name": name, "status": status, "seconds": seconds, "key": key, "artifact": artifact}
+def _row(
+    name: str, status: str, seconds: float, key: str, artifact: str | None, wait: float = 0.0
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "status": status,
+        "seconds": seconds,
+        "wait_seconds": wait,
+        "key": key,
+        "artifact": artifact,
+    }
 
 
 def summarize(
@@ -119,27 +178,40 @@ def summarize(
     against ``root`` (results hold them relative to it)."""
     rows = []
     for r in results:
-        status, seconds = r["status"], r["seconds"]
+        status, seconds, wait = r["status"], r["seconds"], r.get("wait_seconds", 0.0)
         if flow_run_id and r.get("flow_run_id") and r["flow_run_id"] != flow_run_id:
-            status, seconds = "cached", 0.0
+            status, seconds, wait = "cached", 0.0, 0.0
         artifact = str(root / r["artifact"]) if root and r["artifact"] else r["artifact"]
-        rows.append(_row(r["name"], status, seconds, r["key"], artifact))
+        rows.append(_row(r["name"], status, seconds, r["key"], artifact, wait))
     return rows
 
 
-def failure_rows(cfg: PipelineConfig, started: float) -> list[dict[str, Any]]:
-    """After a failed run: an artifact finished during this run is `ran`, an older one `cached`, a
-    missing one `failed` (the failing node and what it blocked)."""
-    import time
+def _failure_status(row: dict[str, Any], started: float, forced: bool, picked: bool) -> tuple[str, float]:
+    if not row["exists"]:
+        return ("failed" if picked else "skipped"), 0.0
+    timings = json.loads((Path(row["artifact"]) / "manifest.json").read_text()).get("timings", {})
+    if timings.get("finished", 0.0) >= started:
+        return "ran", float(timings.get("seconds", 0.0))
+    # an older artifact of a node this run had to recompute: the recomputation did not finish
+    return ("failed" if forced and picked else "cached"), 0.0
 
+
+def failure_rows(
+    cfg: PipelineConfig,
+    started: float,
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """After a failed run: an artifact finished during this run is `ran` (with its build seconds), an older
+    one `cached` unless the node was forced (then `failed`), a missing one `failed` (the failing node and
+    what it blocked) or `skipped` (not selected by ``only``)."""
     from dagtune.pipeline import node_status
 
     rows = []
     for r in node_status(cfg):
-        status = "failed"
-        if r["exists"]:
-            status = "ran" if time.time() - r["age_seconds"] >= started else "cached"
-        rows.append(_row(r["name"], status, 0.0, r["key"], r["artifact"]))
+        forced, picked = r["name"] in (force or []), selected(r["name"], only)
+        status, seconds = _failure_status(r, started, forced, picked)
+        rows.append(_row(r["name"], status, seconds, r["key"], r["artifact"]))
     return rows
 
 
@@ -158,6 +230,20 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     ArtifactStore(cfg.artifact_root).clean_tmp()
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
+    # The embedded server's first start (SQLite migrations) took over 20 s, Prefect's default wait, on
+    # a loaded 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # ...and its SQLite writes hit "database is locked" after Prefect's 10 s connect timeout there.
+    os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    add_dagtune_to_prefect_logs(os.environ)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def add_dagtune_to_prefect_logs(env: MutableMapping[str, str]) -> None:
+    """dagtune's records go to the flow run's logs in Prefect (the API handler on the `dagtune` logger);
+    outside a run (the CLI before and after the flow) they are not an error."""
+    extra = [x for x in env.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if x]
+    if "dagtune" not in extra:
+        env["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*extra, "dagtune"])
+    env.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

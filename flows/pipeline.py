@@ -1,39 +1,34 @@
-"""The dagtune pipeline flow: wiring only.
-
-Nodes (each an idempotent, content-addressed task in ``tasks/``; logic in ``dagtune/``):
-
-1. ``prepare_data``: the three datasets, validated, split, rendered in each model's chat template.
-2. ``train_function_calling``, ``train_extractor``, ``train_classifier``: LoRA fine-tunes (Unsloth on
-   GPU, transformers + peft + TRL on CPU); independent, they run concurrently where training slots allow.
-3. ``evaluate``: every model against its base on the test split, and the two-stage math verdict.
-4. ``convert_gguf``: the generative models to GGUF (Q8_0), parity-checked against HF in llama.cpp.
-5. ``register``: MLflow runs, registered versions with lineage tags, aliases and the promotion gate.
-"""
+"""The dagtune pipeline flow: wiring only (the run form is dagtune.run_request.RunRequest)."""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dagtune.config import load_config
+from dagtune.run_request import RunRequest
 from tasks.convert_gguf import convert_gguf
 from tasks.evaluate import evaluate
 from tasks.prepare_data import prepare_data
 from tasks.register import register
+from tasks.report import publish_report
 from tasks.train_classifier import train_classifier
 from tasks.train_extractor import train_extractor
 from tasks.train_function_calling import train_function_calling
 
 
-@flow(name="dagtune", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
-def dagtune_pipeline(
-    config_path: str | None = None,
-    profile: str | None = None,
-    only: list[str] | None = None,
-    force: list[str] | None = None,
-) -> list[dict]:
-    cfg = load_config(config_path, profile)
-    only, force = only or [], force or []
+@flow(name="dagtune", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def dagtune_pipeline(run: RunRequest = RunRequest()) -> list[dict]:  # noqa: B008 - a frozen default form
+    """Retrain, evaluate, export and register dagtune's three LoRA models.
+
+    Nodes (idempotent and content-keyed: a node whose inputs did not change is reused, not re-run):
+    prepare_data (the three datasets, validated and split) -> train_function_calling, train_extractor,
+    train_classifier (LoRA fine-tunes; one model-loading node per GPU at a time) -> evaluate (each model
+    against its base) and convert_gguf (GGUF Q8_0, parity-checked in llama.cpp) -> register (MLflow
+    versions, lineage tags, promotion gate). The run publishes a report artifact (node table, fine-tuned
+    vs base, gate decisions, MLflow links) and a table of headline metrics.
+    """
+    cfg = run.load()
+    only, force = run.only, run.force
     data = prepare_data.submit(cfg, {}, only, force)
     up = {"prepare_data": data}
     fc = train_function_calling.submit(cfg, up, only, force)
@@ -43,4 +38,6 @@ def dagtune_pipeline(
     ev = evaluate.submit(cfg, trained, only, force)
     gg = convert_gguf.submit(cfg, {**up, "train_function_calling": fc, "train_extractor": ex}, only, force)
     reg = register.submit(cfg, {**trained, "evaluate": ev, "convert_gguf": gg}, only, force)
-    return [f.result() for f in (data, fc, ex, cl, ev, gg, reg)]
+    results = [f.result() for f in (data, fc, ex, cl, ev, gg, reg)]
+    publish_report(cfg, results)
+    return results

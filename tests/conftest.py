@@ -35,3 +35,13 @@ def state_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("DAGTUNE_ARTIFACT_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def built_pipeline(tmp_path_factory):
+    """One fast tiny pipeline built through the CLI (tests/test_flow.py's FAST config), shared by
+    tests/test_flow.py and tests/test_stack.py so CI builds it once: (state dir, the run's JSON)."""
+    from tests.test_flow import _run_json
+
+    state = tmp_path_factory.mktemp("flow") / "state"
+    return state, _run_json(state)

@@ -90,10 +90,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    state = tmp_path_factory.mktemp("flow") / "state"
-    first = _run_json(state)
-    return state, first
+def built(built_pipeline):
+    return built_pipeline  # conftest.py: built once per session, reused by tests/test_stack.py
 
 
 def test_first_run_builds_every_node(built):
@@ -102,7 +100,53 @@ def test_first_run_builds_every_node(built):
     for n in first["nodes"]:
         assert n["status"] == "ran", n
         assert Path(n["artifact"], "manifest.json").is_file()
-        assert set(n) == {"name", "status", "seconds", "key", "artifact"}
+        assert set(n) == {"name", "status", "seconds", "wait_seconds", "key", "artifact"}
+        assert n["seconds"] > 0
+
+
+def _prefect_db(state: Path, sql: str, *args) -> list[tuple]:
+    import sqlite3
+
+    con = sqlite3.connect(state / "prefect" / "prefect.db")
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def test_flow_run_logs_show_dagtune_and_no_library_chatter(built):
+    state, first = built
+    logs = _prefect_db(state, "select name, message from log where flow_run_id = ?", first["flow_run_id"])
+    dagtune = [m for n, m in logs if n.startswith("dagtune")]
+    for name in NODE_ORDER:
+        assert any(f"node {name}: ran in" in m for m in dagtune), name
+    assert any('"version"' in m and "register" in m for m in dagtune)  # versions and gate decision
+    assert not [m for _, m in logs if "LOAD_CONST" in m or "llama_model_loader" in m]
+    assert len(logs) < 200, len(logs)
+    for n in first["nodes"]:  # the chatter is kept with the artifact instead
+        assert Path(n["artifact"], "node.log").is_file()
+
+
+def test_run_publishes_report_and_metrics_artifacts(built):
+    state, first = built
+    rows = _prefect_db(
+        state, "select key, type, data from artifact where flow_run_id = ?", first["flow_run_id"]
+    )
+    by_key = {k: (t, json.loads(d)) for k, t, d in rows}
+    kind, md = by_key["dagtune-run-report"]
+    assert kind == "markdown"
+    for name in NODE_ORDER:
+        assert f"| {name} | ran |" in md
+    assert "| function_calling | tool_name_accuracy |" in md and "## Registry and promotion gate" in md
+    kind, table = by_key["dagtune-headline-metrics"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert kind == "table" and {r["node"] for r in table} >= {"prepare_data", "evaluate"}
+
+
+def test_only_one_node_on_new_state_succeeds_and_skips_the_rest(tmp_path):
+    out = _run_json(tmp_path / "state", "--only", NODE_ORDER[0])
+    assert out["ok"]
+    assert [n["status"] for n in out["nodes"]] == ["ran"] + ["skipped"] * (len(NODE_ORDER) - 1)
 
 
 def test_first_run_reports_the_registry_gate(built):

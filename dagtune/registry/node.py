@@ -24,6 +24,7 @@ from dagtune.registry import registry as reg
 from dagtune.registry import rescore
 from dagtune.registry.gate import Evidence, decide
 from dagtune.registry.identity import content_digest
+from dagtune.registry.parent import open_experiment_on_training_runs, record_pipeline_run
 from dagtune.registry.tracking import (
     TAG_ARTIFACT_KEY,
     RetryPolicy,
@@ -58,6 +59,7 @@ class RunInfo:
     flow_run_id: str | None = None
     flow_run_url: str | None = None
     repo_dir: Path | None = None
+    resolved_config: dict[str, Any] | None = None  # logged as the parent run's config artifact
 
 
 def tracker_for(cfg: Any) -> Tracker:
@@ -353,6 +355,8 @@ def register_pipeline(
     name = f"pipeline-{(run.flow_run_id or run.config_hash)[:12]}"
     with parent_run(tracker, cfg.register.experiment, run_name=name, tags=tags) as parent_id:
         out["parent_run_id"] = parent_id
+        record_pipeline_run(tracker, parent_id, tags, run.resolved_config)
+        open_experiment_on_training_runs(tracker, tracker.experiment_id(cfg.register.experiment))
         node_runs: dict[str, str] = {}
         for node, art in arts.items():
             manifest = art.manifest()
@@ -392,6 +396,7 @@ def build(ctx: Any) -> dict[str, Any]:
         flow_run_url=ctx.settings.flow_run_url,
         # the commit of the code that ran, wherever the config file lives
         repo_dir=PROJECT_ROOT,
+        resolved_config=ctx.settings.resolved_config,
     )
     result = register_pipeline(view, ctx.upstream, run)
     (ctx.out / "registered.json").write_text(json.dumps(result, indent=2, default=str))
