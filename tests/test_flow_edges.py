@@ -29,6 +29,7 @@ def test_flow_edges_equal_nodes_upstreams(monkeypatch):
 
     for name in NODES:
         monkeypatch.setattr(F, name, recorder(name))
-    monkeypatch.setattr(F, "load_config", lambda path, profile: None)
+    monkeypatch.setattr(F.RunRequest, "load", lambda self: None)
+    monkeypatch.setattr(F, "publish_report", lambda cfg, results: None)
     F.dagtune_pipeline.fn()
     assert edges == {name: set(node.upstream) for name, node in NODES.items()}
