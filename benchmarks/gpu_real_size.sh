@@ -54,7 +54,7 @@ for s in $STAGES; do
     seed='{"train_function_calling": {"optim": {"batch_size": 8, "grad_accum": 4}},
            "train_extractor": {"optim": {"batch_size": 8, "grad_accum": 4}, "gradient_checkpointing": true},
            "train_classifier": {"optim": {"batch_size": 8, "grad_accum": 4}}}'
-    timeout -s INT -k 15 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
+    timeout -s INT -k 60 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
       --fc "$FC" --extractor "$EXTRACTOR" --classifier "$CLASSIFIER" --eval 16 "${TOKS[@]}" \
       --steps-cap "${SEED_STEPS:-30}" --override "$seed" --state-dir "${TMPDIR:-/tmp}/dagtune_seed_state" \
       --out "$OUT/pipeline_seed_recipe.json" >"$OUT/pipeline_seed_recipe.driver.log" 2>&1
@@ -70,7 +70,7 @@ for s in $STAGES; do
   pipeline)
     lim=$(left)
     stamp "pipeline real size ${FC}/${EXTRACTOR}/${CLASSIFIER}/${EVAL} (limit ${lim}s)"
-    timeout -s INT -k 15 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
+    timeout -s INT -k 60 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
       --fc "$FC" --extractor "$EXTRACTOR" --classifier "$CLASSIFIER" --eval "$EVAL" "${TOKS[@]}" \
       ${STEPS_CAP:+--steps-cap "$STEPS_CAP"} $([ -n "${WARM:-}" ] && echo --warm) \
       --state-dir "${TMPDIR:-/tmp}/dagtune_real_state" --out "$OUT/pipeline_real_size.json" \

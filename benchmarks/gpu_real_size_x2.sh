@@ -11,7 +11,7 @@ source scripts/gpu_unpack.sh
 export DAGTUNE_GPU_UNPACKED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 L=${TMPDIR:-/tmp}/dagtune_lanes
 rm -rf "$L"; mkdir -p "$L/0" "$L/1"
-BUDGET=${BUDGET:-575}
+BUDGET=${BUDGET:-530}
 CUDA_VISIBLE_DEVICES=0 OUT=$L/0 STAGES="build pipeline" BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
 CUDA_VISIBLE_DEVICES=1 OUT=$L/1 STAGES="wait_models gen seed" BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
 wait

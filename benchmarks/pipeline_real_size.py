@@ -243,7 +243,7 @@ def node_record(row: dict[str, Any], sampler: GpuSampler, slots: dict[str, float
 # ----------------------------------------------------------------------------------------------
 # runs
 # ----------------------------------------------------------------------------------------------
-def _communicate_until_stopped(proc: subprocess.Popen, grace_s: float = 15.0) -> tuple[str, bool]:
+def _communicate_until_stopped(proc: subprocess.Popen, grace_s: float = 10.0) -> tuple[str, bool]:
     """The child's stdout, and whether the device's time limit (SIGINT, sent by `timeout` to the whole
     process group, often more than once) stopped it: then the flow is terminated, killed after
     ``grace_s``, and this process goes on to write the JSON of what finished."""
