@@ -39,7 +39,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="dagtune", description="Orchestrated training pipeline (Prefect + MLflow)."
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_run_commands(sub)
+    _add_maintenance_commands(sub)
+    _add_operations_commands(sub)
+    return ap
 
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    """`run`, `status` and `config validate`: running the pipeline and checking its config."""
     run = sub.add_parser("run", help="run the pipeline (cached nodes are skipped)")
     _add_config_args(run)
     run.add_argument(
@@ -74,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(val)
 
+
+def _add_maintenance_commands(sub: argparse._SubParsersAction) -> None:
+    """`gc` and `promote`: the artifact store and the registry's champion alias."""
     gc = sub.add_parser(
         "gc",
         help="delete artifacts that neither the last N runs, the current config nor a registered "
@@ -98,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--reason", default="", help="why (recorded as a tag with the user name)")
     pr.add_argument("--json", action="store_true", help="print the recorded event as JSON")
 
+
+def _add_operations_commands(sub: argparse._SubParsersAction) -> None:
+    """`deploy`, `worker` and `models`: the Prefect deployment and the registered models."""
     dp = sub.add_parser(
         "deploy",
         help="create or update the work pool, the GPU concurrency limit and the scheduled deployment "
@@ -115,7 +128,6 @@ def _parser() -> argparse.ArgumentParser:
     md = sub.add_parser("models", help="registered versions, aliases and promotion gate history (MLflow)")
     _add_config_args(md)
     md.add_argument("--json", action="store_true")
-    return ap
 
 
 def _load(args: argparse.Namespace) -> PipelineConfig:
