@@ -150,6 +150,62 @@ def restored_added_tokens_decoder(model_dir: Path) -> dict[str, dict[str, Any]]:
     return dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))
 
 
+def _link_model_files(model_dir: Path, target: Path) -> None:
+    """Symlink every file of ``model_dir`` into ``target`` (weights are not copied), replacing old entries."""
+    target.mkdir(parents=True, exist_ok=True)
+    for src in model_dir.iterdir():
+        dst = target / src.name
+        if dst.exists() or dst.is_symlink():
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            else:
+                dst.unlink()
+        dst.symlink_to(src)
+
+
+def _ensure_tokenizer_model(model_dir: Path, target: Path, tokenizer_source: Path | None) -> None:
+    """Copy ``tokenizer.model`` from ``tokenizer_source`` when ``target`` lacks it; error when neither has it."""
+    if (target / "tokenizer.model").is_file():
+        return
+    src = Path(tokenizer_source) / "tokenizer.model" if tokenizer_source else None
+    if src is None or not src.is_file():
+        raise FileNotFoundError(
+            f"{model_dir}/tokenizer.model is missing (pass tokenizer_source=<base model dir>); llama.cpp's "
+            "Gemma converter needs the SentencePiece model to build a vocab that round-trips"
+        )
+    shutil.copy2(src, target / "tokenizer.model")
+
+
+def _merged_added_tokens_decoder(
+    restored: dict[str, dict[str, Any]], existing: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The config's own entries over the restored ones, but never downgrading a special token; id-sorted."""
+    merged = {**restored, **existing}
+    for tid, entry in restored.items():
+        if entry["special"]:
+            merged[tid] = {**merged[tid], "special": True}
+    return dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
+
+
+def _write_tokenizer_config(model_dir: Path, target: Path) -> dict[str, Any]:
+    """Write ``target``'s tokenizer_config.json with the restored ``added_tokens_decoder``; returns it."""
+    cfg_path = target / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    restored = restored_added_tokens_decoder(model_dir)
+    existing = cfg.get("added_tokens_decoder") or {}
+    cfg["added_tokens_decoder"] = _merged_added_tokens_decoder(restored, existing)
+    if cfg_path.is_symlink():  # an edited copy, never a write through to model_dir
+        cfg_path.unlink()
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return cfg
+
+
+def _has_chat_template(cfg: dict[str, Any], target: Path) -> bool:
+    if cfg.get("chat_template"):
+        return True
+    return (target / "chat_template.jinja").is_file() or (target / "chat_template.json").is_file()
+
+
 def prepare_export_dir(
     model_dir: Path,
     out_dir: Path | None = None,
@@ -177,47 +233,16 @@ def prepare_export_dir(
         The prepared directory.
     """
     model_dir = Path(model_dir).resolve()
-    if out_dir is None:
-        target = model_dir
-    else:
-        target = Path(out_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        for src in model_dir.iterdir():
-            dst = target / src.name
-            if dst.exists() or dst.is_symlink():
-                if dst.is_dir() and not dst.is_symlink():
-                    shutil.rmtree(dst)
-                else:
-                    dst.unlink()
-            dst.symlink_to(src)
-
-    if not (target / "tokenizer.model").is_file():
-        src = Path(tokenizer_source) / "tokenizer.model" if tokenizer_source else None
-        if src is None or not src.is_file():
-            raise FileNotFoundError(
-                f"{model_dir}/tokenizer.model is missing (pass tokenizer_source=<base model dir>); llama.cpp's "
-                "Gemma converter needs the SentencePiece model to build a vocab that round-trips"
-            )
-        shutil.copy2(src, target / "tokenizer.model")
-
-    cfg_path = target / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    restored = restored_added_tokens_decoder(model_dir)
-    existing = cfg.get("added_tokens_decoder") or {}
-    merged = {**restored, **existing}
-    for tid, entry in restored.items():  # never downgrade a special token
-        if entry["special"]:
-            merged[tid] = {**merged[tid], "special": True}
-    cfg["added_tokens_decoder"] = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
-    if cfg_path.is_symlink():
-        cfg_path.unlink()
-    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-
-    if not cfg.get("chat_template") and not (target / "chat_template.jinja").is_file():
-        if not (target / "chat_template.json").is_file():
-            logger.warning("%s has no chat template; the GGUF will carry none", model_dir)
-    n_special = sum(1 for e in cfg["added_tokens_decoder"].values() if e["special"])
-    logger.info("prepared %s: %d added tokens (%d special)", target, len(merged), n_special)
+    target = model_dir if out_dir is None else Path(out_dir)
+    if out_dir is not None:
+        _link_model_files(model_dir, target)
+    _ensure_tokenizer_model(model_dir, target, tokenizer_source)
+    cfg = _write_tokenizer_config(model_dir, target)
+    if not _has_chat_template(cfg, target):
+        logger.warning("%s has no chat template; the GGUF will carry none", model_dir)
+    decoder = cfg["added_tokens_decoder"]
+    n_special = sum(1 for e in decoder.values() if e["special"])
+    logger.info("prepared %s: %d added tokens (%d special)", target, len(decoder), n_special)
     return target
 
 
