@@ -100,15 +100,9 @@ ORIGIN_ROWS = [
         "concep",
     ),
 ]
-# The error types as evaluate.computational_error_types listed them before issue 16 (no "comp").
-OLD_COMPUTATIONAL = [
-    "arithmetic",
-    "computational",
-    "calculation",
-    "arithmetic_error",
-    "computational_error",
-    "calculation_error",
-]
+# The error types as evaluate.computational_error_types listed them before issue 16: today's default
+# without the abbreviations issue 16 added ("comp", "calc").
+OLD_COMPUTATIONAL = [t for t in EvaluateConfig().computational_error_types if t not in ("comp", "calc")]
 
 
 def write_origin_pairs(path: Path, extra: list[tuple[str, str, str, str]] = ()) -> dict[str, str]:

@@ -12,16 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dagtune.pipeline import NODE_ORDER
+
 ROOT = Path(__file__).resolve().parent.parent
-NODES = [
-    "prepare_data",
-    "train_function_calling",
-    "train_extractor",
-    "train_classifier",
-    "evaluate",
-    "convert_gguf",
-    "register",
-]
 # Two training steps leave near-flat logits, where Q8_0 rounding flips top-1 by chance (as in
 # tests/test_flow.py): parity itself is tested in tests/test_gguf*.py.
 OVERRIDE = {
@@ -59,7 +52,7 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
     assert doc["nightly"] == {"fc": 60, "extractor": 60, "classifier": 60, "eval": 8}
     (run,) = doc["runs"]
     assert run["ok"], (run["error"], Path(run["log"]).read_text()[-3000:])
-    assert list(run["nodes"]) == NODES
+    assert list(run["nodes"]) == NODE_ORDER
     for name, node in run["nodes"].items():
         assert node["status"] == "ran", name
         assert node["wall_s"] > 0 and node["started"] < node["finished"], name
