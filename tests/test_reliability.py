@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -543,17 +544,24 @@ def test_planted_environment_secrets_reach_no_artifact(root, monkeypatch):  # no
     assert not [p for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
-def test_prefect_record_is_dropped_when_its_artifact_is_damaged(state_dir):
+def _prepare_data_under_planned_key(salt: int) -> tuple[Any, str, Path]:
+    """The tiny profile's config, prepare_data's planned key, and an intact artifact built under it."""
     from dagtune.config import load_config
     from dagtune.pipeline import plan
-    from dagtune.runner import cache_record_key, prefect_results_dir
 
     cfg = load_config(None, "tiny")
     key = plan(cfg)["prepare_data"]["key"]
-    art, _ = ArtifactStore(cfg.artifact_root).build("prepare_data", {"x": 1}, _build)
+    art, _ = ArtifactStore(cfg.artifact_root).build("prepare_data", {"x": salt}, _build)
     good = ArtifactStore(cfg.artifact_root).path("prepare_data", key)
     good.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(art.dir, good)  # an intact artifact under the planned key
+    os.replace(art.dir, good)
+    return cfg, key, good
+
+
+def test_prefect_record_is_dropped_when_its_artifact_is_damaged(state_dir):
+    from dagtune.runner import cache_record_key, prefect_results_dir
+
+    cfg, key, good = _prepare_data_under_planned_key(1)  # an intact artifact under the planned key
     record = cache_record_key("prepare_data", cfg, {}, [])
     assert record == f"prepare_data/{key}/prefect-result"
     stored = prefect_results_dir(cfg) / record
@@ -566,16 +574,9 @@ def test_prefect_record_is_dropped_when_its_artifact_is_damaged(state_dir):
 
 
 def test_prefect_record_of_another_location_is_dropped(state_dir):
-    from dagtune.config import load_config
-    from dagtune.pipeline import plan
     from dagtune.runner import cache_record_key, prefect_results_dir
 
-    cfg = load_config(None, "tiny")
-    key = plan(cfg)["prepare_data"]["key"]
-    art, _ = ArtifactStore(cfg.artifact_root).build("prepare_data", {"x": 2}, _build)
-    good = ArtifactStore(cfg.artifact_root).path("prepare_data", key)
-    good.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(art.dir, good)
+    cfg, key, _ = _prepare_data_under_planned_key(2)
     stored = prefect_results_dir(cfg) / f"prepare_data/{key}/prefect-result"
     stored.parent.mkdir(parents=True)
     stored.write_text(json.dumps({"metadata": {"storage_key": str(stored.resolve())}, "result": "{}"}))
