@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -73,6 +74,15 @@ def _evaluated(arts, task: str) -> pd.DataFrame:
     return df[df["model"] == "fine_tuned"].reset_index(drop=True) if "model" in df else df
 
 
+def _rows_evaluated_and_model(built, task: str) -> tuple[pd.DataFrame, pd.DataFrame, Any]:
+    """The task's test rows, evaluate's predictions on the same ids in the same order, the loaded model."""
+    cfg, arts, registered = built
+    rows = _test_rows(cfg, arts, task)
+    evaluated = _evaluated(arts, task)
+    assert list(evaluated["id"]) == list(rows["id"]) and len(rows) > 0
+    return rows, evaluated, _load(registered, task)
+
+
 def _cut_at_end_call(text: str) -> str:
     """evaluate generates past ``<end_function_call>``; the registered model stops there (kept)."""
     i = text.find(END_CALL)
@@ -98,11 +108,7 @@ def test_every_registered_version_has_a_signature_and_an_input_example(built):
 
 
 def test_function_caller_predicts_what_evaluate_predicted(built):
-    cfg, arts, registered = built
-    rows = _test_rows(cfg, arts, "function_calling")
-    evaluated = _evaluated(arts, "function_calling")
-    assert list(evaluated["id"]) == list(rows["id"]) and len(rows) > 0
-    model = _load(registered, "function_calling")
+    rows, evaluated, model = _rows_evaluated_and_model(built, "function_calling")
     request = pd.DataFrame(
         {
             "messages": [[{"role": "user", "content": u}] for u in rows["user"]],
@@ -144,11 +150,7 @@ def test_function_caller_takes_one_openai_style_request(built):
 
 
 def test_extractor_predicts_what_evaluate_predicted(built):
-    cfg, arts, registered = built
-    rows = _test_rows(cfg, arts, "extractor")
-    evaluated = _evaluated(arts, "extractor")
-    assert list(evaluated["id"]) == list(rows["id"]) and len(rows) > 0
-    model = _load(registered, "extractor")
+    rows, evaluated, model = _rows_evaluated_and_model(built, "extractor")
     inner = model.unwrap_python_model()
     assert [inner.prompt({"line": ln}, i) for i, ln in enumerate(rows["line"])] == list(rows["prompt"])
     out = model.predict(pd.DataFrame({"line": rows["line"]}))
@@ -157,11 +159,7 @@ def test_extractor_predicts_what_evaluate_predicted(built):
 
 
 def test_classifier_predicts_what_evaluate_predicted(built):
-    cfg, arts, registered = built
-    rows = _test_rows(cfg, arts, "classifier")
-    evaluated = _evaluated(arts, "classifier")
-    assert list(evaluated["id"]) == list(rows["id"]) and len(rows) > 0
-    model = _load(registered, "classifier")
+    rows, evaluated, model = _rows_evaluated_and_model(built, "classifier")
     request = pd.DataFrame({"problem": rows["question"], "solution": rows["solution"]})
     assert model.unwrap_python_model().prompts(request) == list(rows["prompt"])  # as in training
     out = model.predict(request)
