@@ -40,15 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_run_commands(sub)
-    _add_maintenance_commands(sub)
     _add_operations_commands(sub)
     return ap
 
 
+def _command(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand that takes the common --config/--profile arguments."""
+    p = sub.add_parser(name, **kwargs)
+    _add_config_args(p)
+    return p
+
+
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     """`run`, `status` and `config validate`: running the pipeline and checking its config."""
-    run = sub.add_parser("run", help="run the pipeline (cached nodes are skipped)")
-    _add_config_args(run)
+    run = _command(sub, "run", help="run the pipeline (cached nodes are skipped)")
     run.add_argument(
         "--only",
         nargs="+",
@@ -70,35 +75,30 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
         "-v", "--verbose", action="store_true", help="also show library logs (default: dagtune's lines only)"
     )
 
-    st = sub.add_parser("status", help="each node's key and whether its artifact exists")
-    _add_config_args(st)
+    st = _command(sub, "status", help="each node's key and whether its artifact exists")
     st.add_argument("--json", action="store_true")
 
     cfg = sub.add_parser("config", help="config commands")
     csub = cfg.add_subparsers(dest="config_cmd", required=True)
-    val = csub.add_parser(
-        "validate", help="validate the config (and every profile when --profile is not given)"
-    )
-    _add_config_args(val)
+    _command(csub, "validate", help="validate the config (and every profile when --profile is not given)")
 
 
-def _add_maintenance_commands(sub: argparse._SubParsersAction) -> None:
-    """`gc` and `promote`: the artifact store and the registry's champion alias."""
-    gc = sub.add_parser(
+def _add_operations_commands(sub: argparse._SubParsersAction) -> None:
+    """`gc`, `promote`, `deploy`, `worker` and `models`: the artifact store, the registry's champion
+    alias, the Prefect deployment and the registered models."""
+    gc = _command(
+        sub,
         "gc",
         help="delete artifacts that neither the last N runs, the current config nor a registered "
         "model version use (the registry must be reachable)",
     )
-    _add_config_args(gc)
     gc.add_argument("--keep-runs", type=int, default=5, metavar="N", help="keep what the last N runs used")
     gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     gc.add_argument("--json", action="store_true")
 
-    pr = sub.add_parser(
-        "promote",
-        help="move a registered model's champion alias by hand (records who and why; no gate)",
+    pr = _command(
+        sub, "promote", help="move a registered model's champion alias by hand (records who and why; no gate)"
     )
-    _add_config_args(pr)
     pr.add_argument(
         "model", help="registered model name, or its config key (function_calling | extractor | classifier)"
     )
@@ -108,25 +108,20 @@ def _add_maintenance_commands(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--reason", default="", help="why (recorded as a tag with the user name)")
     pr.add_argument("--json", action="store_true", help="print the recorded event as JSON")
 
-
-def _add_operations_commands(sub: argparse._SubParsersAction) -> None:
-    """`deploy`, `worker` and `models`: the Prefect deployment and the registered models."""
-    dp = sub.add_parser(
+    dp = _command(
+        sub,
         "deploy",
         help="create or update the work pool, the GPU concurrency limit and the scheduled deployment "
         "on the Prefect server (PREFECT_API_URL); runs use --profile",
     )
-    _add_config_args(dp)
     dp.add_argument("--json", action="store_true")
-    wk = sub.add_parser("worker", help="start a Prefect worker on the deployment's work pool")
-    _add_config_args(wk)
+    wk = _command(sub, "worker", help="start a Prefect worker on the deployment's work pool")
     wk.add_argument("--name", default=None, help="worker name (default: Prefect's)")
     wk.add_argument(
         "--healthcheck", action="store_true", help="serve the worker's /health on port 8080 (containers)"
     )
 
-    md = sub.add_parser("models", help="registered versions, aliases and promotion gate history (MLflow)")
-    _add_config_args(md)
+    md = _command(sub, "models", help="registered versions, aliases and promotion gate history (MLflow)")
     md.add_argument("--json", action="store_true")
 
 
