@@ -10,39 +10,37 @@ from typing import Any
 
 import pandas as pd
 
+from dagtune.data.tools import normalize_tool
 from dagtune.formats import END_OF_TURN, format_eq, format_function_call
 from dagtune.models import resolve_model
 from dagtune.store import Artifact, ArtifactStore
 
 NEGATIVE_REPLY = "لا يحتاج هذا الطلب إلى استدعاء أي أداة."
+# The function-calling datasets' tool form; normalize_tool adds the OpenAI wrapper and "type": "object".
 TOOLS = [
-    {
-        "type": "function",
-        "function": {
+    normalize_tool(
+        {
             "name": "get_weather",
             "description": "weather forecast",
             "parameters": {
-                "type": "object",
                 "properties": {"city": {"type": "string", "description": "city"}},
                 "required": ["city"],
             },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
+        }
+    ),
+    normalize_tool(
+        {
             "name": "book_hotel",
             "description": "book a hotel",
             "parameters": {
-                "type": "object",
                 "properties": {
                     "city": {"type": "string", "description": "city"},
                     "nights": {"type": "integer", "description": "nights"},
                 },
                 "required": ["city", "nights"],
             },
-        },
-    },
+        }
+    ),
 ]
 FC_ROWS = [
     ("MSA", "weather", "أريد معرفة الطقس في الرياض", "get_weather", {"city": "الرياض"}),
