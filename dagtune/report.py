@@ -63,10 +63,20 @@ def _read_json(artifact: str | None, name: str) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p and p.is_file() else None
 
 
-def metric_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_artifact_root(results: list[dict[str, Any]], root: Path | None) -> list[dict[str, Any]]:
+    """Node results hold artifact paths relative to the artifact root (a state dir can move): resolve
+    them for reading."""
+    if root is None:
+        return results
+    return [
+        {**r, "artifact": str(Path(root) / r["artifact"]) if r.get("artifact") else None} for r in results
+    ]
+
+
+def metric_rows(results: list[dict[str, Any]], root: Path | None = None) -> list[dict[str, Any]]:
     """The table artifact: one row per (node, metric) of the headline metrics."""
     rows = []
-    for r in results:
+    for r in with_artifact_root(results, root):
         for k, v in headline(r["name"], _manifest_metrics(r.get("artifact"))).items():
             rows.append(
                 {"node": r["name"], "metric": k, "value": json.dumps(v) if isinstance(v, dict) else v}
@@ -124,8 +134,11 @@ def _registry_section(results: list[dict[str, Any]], tracking_uri: str) -> list[
     return lines
 
 
-def run_markdown(results: list[dict[str, Any]], profile: str, tracking_uri: str) -> str:
+def run_markdown(
+    results: list[dict[str, Any]], profile: str, tracking_uri: str, root: Path | None = None
+) -> str:
     """The run's markdown artifact: node table, fine-tuned vs base, gate decisions, MLflow links."""
+    results = with_artifact_root(results, root)
     parts = [f"# dagtune run (profile `{profile}`)", "", "## Nodes", *_node_table(results)]
     parts += ["", "## Fine-tuned vs base (test split)", *_eval_section(results)]
     uri = redact_uri(tracking_uri)
