@@ -185,7 +185,7 @@ def settings_for(cfg: PipelineConfig, flow_run: dict[str, str | None] | None = N
         profile=cfg.profile,
         config_hash=content_key(cfg.model_dump(mode="json", exclude={"config_dir"})),
         config_dir=Path(cfg.config_dir),
-        resolved_config=cfg.model_dump(mode="json"),
+        resolved_config=redact(cfg.model_dump(mode="json")),  # logged to MLflow: no credentials
     )
 
 
