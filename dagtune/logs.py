@@ -87,17 +87,29 @@ class NotRoutedFilter(logging.Filter):
         return is_dagtune_record(record) or (record.thread or 0) not in _sinks
 
 
+# Library root loggers that stop propagation to the root logger once configured (transformers does on
+# import, with its own stderr handler): the routing handler is attached to them too.
+NON_PROPAGATING = ("transformers", "datasets")
+
+
+def _routed_loggers() -> list[logging.Logger]:
+    libs = [logging.getLogger(n) for n in NON_PROPAGATING]
+    return [logging.getLogger(), *(lg for lg in libs if not lg.propagate)]
+
+
 def _install() -> None:
     if not isinstance(sys.stdout, _ThreadRouter):
         sys.stdout = _ThreadRouter(sys.stdout)
     if not isinstance(sys.stderr, _ThreadRouter):
         sys.stderr = _ThreadRouter(sys.stderr)
-    root = logging.getLogger()
-    if _handler not in root.handlers:
-        root.addHandler(_handler)
-    for h in root.handlers:
-        if h is not _handler and not any(isinstance(f, (QuietFilter, NotRoutedFilter)) for f in h.filters):
-            h.addFilter(NotRoutedFilter())
+    for lg in _routed_loggers():
+        if _handler not in lg.handlers:
+            lg.addHandler(_handler)
+        for h in lg.handlers:
+            if h is not _handler and not any(
+                isinstance(f, (QuietFilter, NotRoutedFilter)) for f in h.filters
+            ):
+                h.addFilter(NotRoutedFilter())
 
 
 def _uninstall() -> None:
@@ -105,7 +117,8 @@ def _uninstall() -> None:
         stream = getattr(sys, name)
         if isinstance(stream, _ThreadRouter):
             setattr(sys, name, stream.fallback)
-    logging.getLogger().removeHandler(_handler)
+    for lg in [logging.getLogger(), *(logging.getLogger(n) for n in NON_PROPAGATING)]:
+        lg.removeHandler(_handler)
 
 
 def ensure_dagtune_logger_level(level: int = logging.INFO) -> None:

@@ -77,7 +77,13 @@ def test_dagtune_logger_is_added_to_prefect_extra_loggers():
 
 
 # -- a node's thread's chatter goes to its file -----------------------------------------------------
-def test_node_output_routes_only_the_nodes_thread(tmp_path, capsys):
+@pytest.mark.parametrize("transformers_configured", [False, True])
+def test_node_output_routes_only_the_nodes_thread(tmp_path, capsys, transformers_configured):
+    if transformers_configured:  # transformers' own root logger stops propagation once configured
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger("transformers.fake")
+        assert not logging.getLogger("transformers").propagate
     logging.getLogger("transformers.fake").setLevel(logging.INFO)
     seen = threading.Event()
 
