@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 NODE_LOG = "node.log"
+CONSOLE_MARK = "dagtune_console"  # set on the handler configure_console installs
 DAGTUNE_LOGGER = "dagtune"
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
@@ -148,10 +149,13 @@ def node_output_to(path: Path) -> Iterator[None]:
 
 def configure_console(verbose: bool, stream: TextIO | None = None) -> None:
     """The CLI's console: dagtune's lines only by default; ``verbose`` adds every library's INFO."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, CONSOLE_MARK, False)]:  # one console per process
+        root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
+    setattr(handler, CONSOLE_MARK, True)
     handler.setFormatter(logging.Formatter(LOG_FORMAT if verbose else "%(asctime)s %(message)s", "%H:%M:%S"))
     handler.addFilter(NotRoutedFilter() if verbose else QuietFilter())
-    root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.captureWarnings(True)  # library warnings become `py.warnings` records: shown only with -v

@@ -27,6 +27,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_console_handler_left_behind():
+    """A CLI main() called in-process installs a console handler on pytest's capture stream, which is
+    closed after that test: later tests would get "Logging error" tracebacks from it."""
+    import logging
+
+    from dagtune.logs import CONSOLE_MARK
+
+    yield
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, CONSOLE_MARK, False)]:
+        root.removeHandler(h)
+
+
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch) -> Path:
     """A private state dir (artifacts, Prefect home, MLflow) for one test."""
