@@ -78,13 +78,19 @@ def test_dagtune_logger_is_added_to_prefect_extra_loggers():
 
 # -- a node's thread's chatter goes to its file -----------------------------------------------------
 @pytest.mark.parametrize("transformers_configured", [False, True])
-def test_node_output_routes_only_the_nodes_thread(tmp_path, capsys, transformers_configured):
+def test_node_output_routes_only_the_nodes_thread(tmp_path, capsys, monkeypatch, transformers_configured):
     if transformers_configured:  # transformers' own root logger stops propagation once configured
         from transformers.utils import logging as hf_logging
 
         hf_logging.get_logger("transformers.fake")
         assert not logging.getLogger("transformers").propagate
     logging.getLogger("transformers.fake").setLevel(logging.INFO)
+    # Only the routing under test: handlers that earlier in-process runs left on the root and `dagtune`
+    # loggers (Prefect's console handler on a captured stream, ...) are out of this test's scope.
+    root, dagtune_logger = logging.getLogger(), logging.getLogger("dagtune")
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(dagtune_logger, "handlers", [])
+    monkeypatch.setattr(dagtune_logger, "propagate", True)
     seen = threading.Event()
 
     def other_thread():
