@@ -15,6 +15,7 @@
 #   pipeline  pipeline_real_size.py --cold (or --warm with WARM=1) at the nightly size
 #             (FC/EXTRACTOR/CLASSIFIER/EVAL, defaults 4000/8000/4000/512), STEPS_CAP if set; it gets
 #             what is left of $BUDGET seconds (SIGINT first, so the JSON of finished runs stays).
+#   gpu_tests the GPU tests (pytest -m gpu; GPU_TESTS = the files), under what is left of $BUDGET.
 # Knobs (env): STAGES="build gen pipeline" BUDGET=585 T_GEN=120 GEN_N=512 GEN_SEQ=16 STEPS_CAP= WARM=
 set -uo pipefail
 OUT=${OUT:-$PWD/benchmarks/results/gpu_real_size}
@@ -66,6 +67,15 @@ for s in $STAGES; do
       --n-sequential "$GEN_SEQ" --model-root "$MODELS" "${TOKS[@]}" --out "$OUT/generation_throughput.json" \
       >"$OUT/generation_throughput.log" 2>&1
     grep -aE "^(functiongemma|gemma3) |Error" "$OUT/generation_throughput.log" | tee -a "$OUT/real_size.log"
+    ;;
+  gpu_tests)
+    # The GPU tests (pytest -m gpu), most telling first; GPU_TESTS overrides the list.
+    lim=$(($(left) - 15))
+    tests=${GPU_TESTS:-"tests/gpu/test_pipeline_gpu.py tests/test_training_gpu.py tests/gpu/test_gpu_site.py tests/gpu/test_train_throughput_gpu.py"}
+    stamp "gpu tests (limit ${lim}s): $tests"
+    timeout -s INT -k 10 "$lim" python3 -m pytest -m gpu -v -p no:cacheprovider --durations=0 $tests \
+      >"$OUT/gpu_tests.log" 2>&1
+    grep -aE "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -30 | tee -a "$OUT/real_size.log"
     ;;
   pipeline)
     lim=$(left)

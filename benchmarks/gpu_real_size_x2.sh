@@ -2,6 +2,7 @@
 # Issue 19's GPU call on two GPUs (nvidia-h200-x2), two lanes of gpu_real_size.sh side by side:
 #   GPU 0: build the real-shape models, then the whole nightly DAG at the real recipe (the table);
 #   GPU 1: generation throughput, then the seed recipe on the same examples (the training speed-up).
+# LANE0 / LANE1 replace the stages of a lane (gpu_real_size.sh), e.g. LANE1="gpu_tests".
 #   device: run(kind="nvidia-h200-x2", carry=[".gpu_carry"], command="timeout 595 bash benchmarks/gpu_real_size_x2.sh")
 # What comes back ($OUT, at most 8 files): the JSON and markdown of each benchmark and logs.tgz.
 set -uo pipefail
@@ -12,11 +13,11 @@ export DAGTUNE_GPU_UNPACKED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAS
 L=${TMPDIR:-/tmp}/dagtune_lanes
 rm -rf "$L"; mkdir -p "$L/0" "$L/1"
 BUDGET=${BUDGET:-530}
-CUDA_VISIBLE_DEVICES=0 OUT=$L/0 STAGES="build pipeline" BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
-CUDA_VISIBLE_DEVICES=1 OUT=$L/1 STAGES="wait_models gen seed" BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
+CUDA_VISIBLE_DEVICES=0 OUT=$L/0 STAGES=${LANE0:-"build pipeline"} BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
+CUDA_VISIBLE_DEVICES=1 OUT=$L/1 STAGES=${LANE1:-"wait_models gen seed"} BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
 wait
 for f in 0/pipeline_real_size.json 0/pipeline_real_size.md 1/generation_throughput.json \
-  1/pipeline_seed_recipe.json 1/pipeline_seed_recipe.md; do
+  1/pipeline_seed_recipe.json 1/pipeline_seed_recipe.md 1/gpu_tests.log; do
   [ -f "$L/$f" ] && cp "$L/$f" "$FINAL/"
 done
 tar -C "$L" -czf "$FINAL/logs.tgz" --exclude='*.state' 0 1

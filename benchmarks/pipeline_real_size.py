@@ -122,12 +122,13 @@ def write_config(args: argparse.Namespace, models: dict[str, str], path: Path) -
 # NVML sampling
 # ----------------------------------------------------------------------------------------------
 class GpuSampler(threading.Thread):
-    """(time, utilisation %, memory used bytes) of GPU 0 every ``interval`` seconds, from NVML."""
+    """(time, {GPU: (utilisation %, memory used bytes)}) of every visible GPU each ``interval`` seconds,
+    from NVML (the GPUs CUDA_VISIBLE_DEVICES names, by index; all of them when unset)."""
 
     def __init__(self, interval: float) -> None:
         super().__init__(daemon=True)
         self.interval = interval
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self.error: str | None = None
         self._halt = threading.Event()
 
@@ -136,30 +137,51 @@ class GpuSampler(threading.Thread):
             import pynvml
 
             pynvml.nvmlInit()
-            index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            env = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = (
+                [d for d in env.split(",") if d.strip()]
+                if env
+                else [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            )
+            handles = {d: pynvml.nvmlDeviceGetHandleByIndex(int(d)) for d in ids}
         except Exception as e:  # no GPU or no NVML: the JSON says so, the run goes on
             self.error = f"{type(e).__name__}: {e}"
             return
         while not self._halt.is_set():
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle).used
-            self.samples.append((time.time(), int(util), int(mem)))
+            now = {}
+            for d, h in handles.items():
+                now[d] = (
+                    int(pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
+                    int(pynvml.nvmlDeviceGetMemoryInfo(h).used),
+                )
+            self.samples.append((time.time(), now))
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
 
-    def window(self, start: float | None, end: float | None) -> dict[str, Any]:
-        """GPU-busy fraction (mean utilisation / 100) and peak memory between ``start`` and ``end``."""
+    def window(
+        self, start: float | None, end: float | None, devices: list[str] | None = None
+    ) -> dict[str, Any]:
+        """GPU-busy fraction (mean utilisation / 100 over ``devices``, all when None) and peak memory
+        between ``start`` and ``end``. Nodes sharing a GPU share its busy fraction."""
         inside = [s for s in self.samples if start is not None and end is not None and start <= s[0] <= end]
-        if not inside:
+        vals = [v for _, per in inside for d, v in per.items() if devices is None or d in devices]
+        if not vals:
             return {"gpu_busy_fraction": None, "gpu_samples": 0, "gpu_mem_peak_gib": None}
         return {
-            "gpu_busy_fraction": round(sum(s[1] for s in inside) / len(inside) / 100, 3),
+            "gpu_busy_fraction": round(sum(v[0] for v in vals) / len(vals) / 100, 3),
             "gpu_samples": len(inside),
-            "gpu_mem_peak_gib": round(max(s[2] for s in inside) / GIB, 2),
+            "gpu_mem_peak_gib": round(max(v[1] for v in vals) / GIB, 2),
+        }
+
+    def whole(self) -> dict[str, Any]:
+        """The run's busy fraction per GPU (mean utilisation / 100 over every sample)."""
+        ids = sorted({d for _, per in self.samples for d in per})
+        return {
+            d: round(sum(per[d][0] for _, per in self.samples if d in per) / len(self.samples) / 100, 3)
+            for d in ids
         }
 
 
@@ -201,16 +223,21 @@ def _gguf_numbers(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"gguf": files, "gguf_bytes": sum(f["bytes"] or 0 for f in files.values())}
 
 
-SLOT_LINE = re.compile(r"node (\S+): training slot acquired at ([0-9.]+)")
+SLOT_LINE = re.compile(r"node (\S+): training slot acquired at ([0-9.]+)(?: on (\S+))?")
 
 
-def slot_times(log_text: str) -> dict[str, float]:
-    """When each model-loading node got its training slot (``dagtune.pipeline.training_slot`` logs the
-    epoch): its work starts there, not when it began waiting for the slot (the manifest's ``started``)."""
-    return {m.group(1): float(m.group(2)) for m in SLOT_LINE.finditer(log_text)}
+def slot_times(log_text: str) -> dict[str, tuple[float, list[str] | None]]:
+    """When each model-loading node got its device slots (``dagtune.slots.device_slots`` logs the epoch and
+    the devices): its work starts there, not when it began waiting (the manifest's ``started``)."""
+    return {
+        m.group(1): (float(m.group(2)), m.group(3).split(",") if m.group(3) else None)
+        for m in SLOT_LINE.finditer(log_text)
+    }
 
 
-def node_record(row: dict[str, Any], sampler: GpuSampler, slots: dict[str, float]) -> dict[str, Any]:
+def node_record(
+    row: dict[str, Any], sampler: GpuSampler, slots: dict[str, tuple[float, list[str] | None]]
+) -> dict[str, Any]:
     """One node of a run: status and wall time from the CLI row, the rest from its manifest. ``wall_s``
     runs from the node's start (its training slot, for the nodes that need one) to its manifest."""
     rec: dict[str, Any] = {"status": row["status"], "cli_seconds": row["seconds"]}
@@ -221,11 +248,11 @@ def node_record(row: dict[str, Any], sampler: GpuSampler, slots: dict[str, float
     t = manifest.get("timings") or {}
     started, finished = t.get("started"), t.get("finished")
     if row["status"] == "ran" and started is not None and finished is not None:
-        slot = slots.get(row["name"])
+        slot, devices = slots.get(row["name"], (None, None))
         work = slot if slot is not None and started <= slot <= finished else started
-        rec.update(started=work, finished=finished, wall_s=round(finished - work, 3))
+        rec.update(started=work, finished=finished, wall_s=round(finished - work, 3), devices=devices)
         rec["slot_wait_s"] = round(work - started, 3)
-        rec.update(sampler.window(work, finished))
+        rec.update(sampler.window(work, finished, devices))
     else:  # cached: nothing ran in this run; the numbers below are those of the run that built it
         rec.update(wall_s=None, built_wall_s=t.get("seconds"))
     name = row["name"]
@@ -320,7 +347,12 @@ def run_flow(
         "exit_code": proc.returncode,
         "dag_wall_s": round(wall, 2),
         "flow_seconds": out.get("seconds"),
-        "gpu": {"samples": len(sampler.samples), "interval_s": args.sample_s, "error": sampler.error},
+        "gpu": {
+            "samples": len(sampler.samples),
+            "interval_s": args.sample_s,
+            "error": sampler.error,
+            "busy_fraction_whole_run": sampler.whole() if sampler.samples else None,
+        },
         "nodes": nodes,
         "log": str(log_path),
     }

@@ -75,15 +75,49 @@ class RuntimeConfig(Section):
         "Training backend: unsloth (+bitsandbytes) where CUDA and the package exist, hf = transformers + "
         "peft + trl. auto picks unsloth when possible, hf otherwise; the choice is recorded in the manifest.",
     )
-    max_parallel_training: int = F(
-        1,
-        "How many model-loading nodes (training, evaluate, convert_gguf) may run at once; the others queue. "
-        "Keep 1 on a single GPU. Nodes run as threads of one process, and transformers/accelerate model "
-        "loading patches torch globally (seen here: 'Cannot copy out of meta tensor' with two loads at "
-        "once), so more than 1 needs one process per node, which this version does not do.",
+    gpus: int | None = F(
+        None,
+        "How many of the visible GPUs (CUDA_VISIBLE_DEVICES, else nvidia-smi) this worker schedules nodes on; "
+        "None = all of them. Without a GPU the CPU is the one device.",
         ge=1,
-        le=1,
     )
+    nodes_per_device: int = F(
+        1,
+        "How many model-loading nodes (training, evaluate, convert_gguf, register) may share one device at "
+        "once, each in its own process; the others wait for a slot. 1 gives each node a whole GPU; more "
+        "overlaps one node's loading, merging and saving with another's training when memory allows.",
+        ge=1,
+        le=8,
+    )
+    isolation: Literal["process", "thread"] = F(
+        "process",
+        "process: every model-loading node runs in its own child process pinned to its devices with "
+        "CUDA_VISIBLE_DEVICES (a crash or out-of-memory fails the node, not the run; memory is returned "
+        "when it ends). thread: in the run's own process, one node at a time, for a debugger or a "
+        "profiler; several devices or nodes_per_device > 1 need process.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_parallel_training" in data:
+            warnings.warn(
+                "runtime.max_parallel_training is renamed runtime.nodes_per_device (slots per device, "
+                "each node in its own process); the old name will be removed",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            data = dict(data)
+            data.setdefault("nodes_per_device", data.pop("max_parallel_training"))
+        return data
+
+    @model_validator(mode="after")
+    def _thread_is_one_at_a_time(self) -> RuntimeConfig:
+        if self.isolation == "thread" and self.nodes_per_device > 1:
+            raise ValueError(
+                "isolation=thread runs one model-loading node at a time: set nodes_per_device to 1"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,6 +465,13 @@ class ConvertGgufConfig(Section):
         ge=0,
     )
     max_new_tokens: int = F(32, "Greedy generation length for the generation-agreement check.", ge=1)
+    greedy_prompts: int = F(
+        8,
+        "How many of the parity prompts (the first ones) also compare greedy generation from the same token "
+        "ids; the template check runs on every prompt. Decoding runs on llama.cpp's CPU path, which at real "
+        "size costs about a second per prompt.",
+        ge=0,
+    )
     models: list[Literal["function_calling", "extractor"]] = F(
         default_factory=lambda: ["function_calling", "extractor"],
         description="Which generative models to export.",

@@ -63,8 +63,9 @@ class Node:
     module: str  # "dagtune.data.node:build": imported lazily so `status` never loads torch
     # Extra key inputs the section alone doesn't capture (source file hashes, resolved backend, ...).
     extra_inputs: str | None = None
-    # Nodes that load models take one of runtime.max_parallel_training slots: on one GPU they queue.
-    needs_training_slot: bool = False
+    # Nodes that load models run in their own process on the devices of their slots (dagtune.slots,
+    # dagtune.node_process); the others run in the run's process.
+    loads_models: bool = False
     # Source paths (relative to the project root) that implement the node and the libraries whose
     # version changes its output: both enter the key (dagtune.code_identity).
     code: tuple[str, ...] = ()
@@ -101,7 +102,7 @@ NODES: dict[str, Node] = {
             ("prepare_data",),
             "dagtune.training.sft:build_function_calling",
             "dagtune.training.sft:key_inputs_function_calling",
-            needs_training_slot=True,
+            loads_models=True,
             code=TRAIN_CODE,
             libraries=TRAIN_LIBS,
         ),
@@ -111,7 +112,7 @@ NODES: dict[str, Node] = {
             ("prepare_data",),
             "dagtune.training.sft:build_extractor",
             "dagtune.training.sft:key_inputs_extractor",
-            needs_training_slot=True,
+            loads_models=True,
             code=TRAIN_CODE,
             libraries=TRAIN_LIBS,
         ),
@@ -121,7 +122,7 @@ NODES: dict[str, Node] = {
             ("prepare_data",),
             "dagtune.training.classifier:build_classifier",
             "dagtune.training.classifier:key_inputs",
-            needs_training_slot=True,
+            loads_models=True,
             code=TRAIN_CODE,
             libraries=TRAIN_LIBS,
         ),
@@ -130,7 +131,7 @@ NODES: dict[str, Node] = {
             "1",
             ("prepare_data", "train_function_calling", "train_extractor", "train_classifier"),
             "dagtune.evaluation.node:build",
-            needs_training_slot=True,
+            loads_models=True,
             # evaluate loads the classifier through dagtune.training.classifier
             code=("dagtune/evaluation", "dagtune/formats.py", "dagtune/data/report.py", *TRAIN_CODE),
             libraries=("torch", "transformers", "peft"),
@@ -141,7 +142,7 @@ NODES: dict[str, Node] = {
             ("prepare_data", "train_function_calling", "train_extractor"),
             "dagtune.gguf.node:build",
             "dagtune.gguf.node:key_inputs",
-            needs_training_slot=True,
+            loads_models=True,
             code=("dagtune/gguf", *MODELS_CODE),
             libraries=("torch", "transformers", "gguf", "llama_cpp_python"),
         ),
@@ -159,7 +160,7 @@ NODES: dict[str, Node] = {
             "dagtune.registry.node:build",
             "dagtune.registry.node:key_inputs",
             # the gate re-scores the champion with evaluate's functions: it may load a model
-            needs_training_slot=True,
+            loads_models=True,
             code=(
                 "dagtune/registry",
                 "dagtune/evaluation",
@@ -248,13 +249,8 @@ def run_node(
     upstream: dict[str, Artifact],
     force: bool = False,
     flow_run: dict[str, str | None] | None = None,
-    local_gpu_slot: bool = True,
 ) -> tuple[Artifact, NodeResult]:
-    """Return the node's artifact, computing it only if its manifest is not in the store yet.
-
-    ``local_gpu_slot``: a model-loading node takes a host-local file-lock slot. The Prefect tasks turn it
-    off when a Prefect server is configured: there its slot is a Prefect concurrency limit (tasks/_node.py).
-    """
+    """Return the node's artifact, computing it only if its manifest is not in the store yet."""
     t0 = time.time()
     waited: list[float] = []
     node = NODES[name]
@@ -277,17 +273,17 @@ def run_node(
             store=store,
             settings=settings_for(cfg, flow_run),
         )
+        if not node.loads_models:
+            # Library logs, prints and progress bars of this node's thread: into its artifact (dagtune.logs).
+            with node_output_to(out / NODE_LOG):
+                return node.load(node.module)(ctx)
         # Lock order, the same in every run and thread, so no cycle: node key lock (store.build) ->
-        # training slot -> a base model's key lock (ensure_tiny); nothing is awaited while that last
+        # device slots -> a base model's key lock (ensure_tiny); nothing is awaited while that last
         # one is held.
-        # Library logs, prints and progress bars of this node's thread: into its artifact (dagtune.logs).
-        with node_output_to(out / NODE_LOG):
-            if not (node.needs_training_slot and local_gpu_slot):
-                return node.load(node.module)(ctx)
-            t_wait = time.time()
-            with training_slot(cfg.state_dir / ".locks", cfg.runtime.max_parallel_training, name):
-                waited.append(time.time() - t_wait)
-                return node.load(node.module)(ctx)
+        t_wait = time.time()
+        with device_slots_for(name, cfg) as devices:
+            waited.append(time.time() - t_wait)
+            return run_on_devices(ctx, cfg, node, devices)
 
     art, ran = store.build(name, inputs, compute, force=force)
     wait = sum(waited)
@@ -295,31 +291,36 @@ def run_node(
     return art, NodeResult(name, status, time.time() - t0 - wait, key, art.path, wait_seconds=wait)
 
 
-@contextmanager
-def training_slot(lock_dir: Path, slots: int, name: str) -> Iterator[None]:
-    """Hold one of ``slots`` file locks (across threads and processes) while a node trains."""
-    from filelock import FileLock, Timeout
+def devices_wanted(name: str, cfg: PipelineConfig) -> int:
+    """Devices a node trains on (its section's ``gpus``, data parallel); every other node takes one."""
+    return int(getattr(getattr(cfg, name), "gpus", 1) or 1)
 
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    waited = False
-    while True:
-        for i in range(slots):
-            lock = FileLock(str(lock_dir / f"training-slot-{i}.lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            # The epoch in the text: benchmarks/pipeline_real_size.py reads when a node's work began.
-            log.info("node %s: training slot acquired at %.3f", name, time.time())
-            try:
-                yield
-            finally:
-                lock.release()
-            return
-        if not waited:
-            log.info("node %s: waiting for a training slot (%d in use)", name, slots)
-            waited = True
-        time.sleep(0.5)
+
+@contextmanager
+def device_slots_for(name: str, cfg: PipelineConfig) -> Iterator[list[str]]:
+    from dagtune.slots import device_slots, worker_devices
+
+    rt = cfg.runtime
+    lock_dir = cfg.state_dir / ".locks"
+    with device_slots(
+        lock_dir, worker_devices(rt), rt.nodes_per_device, devices_wanted(name, cfg), name
+    ) as got:
+        yield got
+
+
+def run_on_devices(
+    ctx: NodeContext, cfg: PipelineConfig, node: Node, devices: list[str]
+) -> dict[str, Any] | None:
+    if cfg.runtime.isolation == "thread":  # debugging: in this process, on whatever device torch picks
+        if len(devices) > 1:
+            raise ValueError(
+                f"node {node.name} asks for {len(devices)} devices: runtime.isolation must be process"
+            )
+        with node_output_to(ctx.out / NODE_LOG):
+            return node.load(node.module)(ctx)
+    from dagtune.node_process import run_in_process
+
+    return run_in_process(ctx, cfg, node.module, devices, processes=len(devices))
 
 
 def node_status(cfg: PipelineConfig) -> list[dict[str, Any]]:

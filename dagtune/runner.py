@@ -114,7 +114,7 @@ def _log_result(name: str, result: dict[str, Any]) -> None:
     log.info("%s node %s: %s %s (key %s)", _position(name), name, result["status"], took, result["key"][:12])
     waited = result.get("wait_seconds")
     if waited:
-        log.info("node %s: waited %.1fs for a GPU slot (not in its seconds)", name, waited)
+        log.info("node %s: waited %.1fs for a device slot (not in its seconds)", name, waited)
     if result.get("artifact"):
         from dagtune.report import _manifest_metrics, headline
 
@@ -131,10 +131,8 @@ def run_task(
     force: list[str] | None = None,
     flow_run_id: str | None = None,
     flow_run_url: str | None = None,
-    local_gpu_slot: bool = True,
 ) -> dict[str, Any]:
-    """Run (or reuse) one node; returns a JSON-able result with the artifact reference.
-    ``local_gpu_slot``: see ``pipeline.run_node``."""
+    """Run (or reuse) one node; returns a JSON-able result with the artifact reference."""
     from dagtune.logs import ensure_dagtune_logger_level
 
     ensure_dagtune_logger_level()
@@ -149,7 +147,6 @@ def run_task(
             _artifacts(upstream, cfg.artifact_root),
             force=name in (force or []),
             flow_run={"id": flow_run_id, "url": flow_run_url},
-            local_gpu_slot=local_gpu_slot,
         )
         result = res.to_dict()
     _log_result(name, result)

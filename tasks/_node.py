@@ -6,10 +6,10 @@ to Prefect only while the artifact verifies, so a deleted or damaged artifact is
 task shows as "Cached" in the Prefect UI.
 
 GPU slots: a model-loading node's task carries the tag ``dagtune-gpu``; the Prefect concurrency limit
-``tag:dagtune-gpu`` (one slot per GPU, created by ``dagtune deploy`` / ``dagtune run``) holds the task in
-Pending until a slot frees, so the wait is visible and not in the node's seconds. Without a configured
-Prefect server (the embedded ephemeral one, one per CLI process) the node takes a host-local file-lock
-slot instead, so two CLI runs on one machine still share the GPU.
+``tag:dagtune-gpu`` (``deploy.gpu_slots``, created by ``dagtune deploy`` / ``dagtune run``) holds the task
+in Pending until a slot frees, so the wait is visible and not in the node's seconds. On the worker the
+node then takes its devices' host-local slots (``dagtune.slots``), which pick the GPUs its process sees,
+so two CLI runs or workers on one machine still share the GPUs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def node_task(name: str):
         cache_key_fn=cache_key,
         persist_result=True,
         result_serializer="json",
-        tags=[GPU_TAG] if NODES[name].needs_training_slot else [],
+        tags=[GPU_TAG] if NODES[name].loads_models else [],
     )
     def run(cfg, upstream: dict[str, dict], only: list[str], force: list[str]) -> dict:
         from prefect.runtime import flow_run
@@ -55,7 +55,6 @@ def node_task(name: str):
             force=force,
             flow_run_id=str(flow_run.id),
             flow_run_url=flow_run.ui_url,
-            local_gpu_slot=not prefect_server_configured(),
         )
 
     return run

@@ -147,26 +147,3 @@ def test_sigkill_while_writing_leaves_no_manifest_and_rerun_succeeds(tmp_path):
     assert ran and seen["checkpoint"] == "step 5"
     assert json.loads((art.dir / MANIFEST).read_text())["key"] == key
     assert not (root / ".scratch" / f"n-{key}").exists()
-
-
-def test_training_slots_queue_nodes(tmp_path):
-    """With one slot, two threads training at once run one after the other."""
-    import threading
-
-    from dagtune.pipeline import training_slot
-
-    spans = []
-
-    def work(i):
-        with training_slot(tmp_path / "locks", 1, f"n{i}"):
-            t0 = time.time()
-            time.sleep(0.3)
-            spans.append((t0, time.time()))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    (a0, a1), (b0, b1) = sorted(spans)
-    assert b0 >= a1  # no overlap

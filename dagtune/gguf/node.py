@@ -119,6 +119,7 @@ def build(ctx: NodeContext) -> dict[str, Any]:
                 chats=chats,
                 min_template_greedy_match=cfg.min_template_greedy_match,
                 device=device,
+                greedy_prompts=cfg.greedy_prompts,
             )
             files[qtype] = {
                 "file": target.relative_to(ctx.out).as_posix(),

@@ -152,8 +152,10 @@ def load_classifier(
     dtype = dtype or getattr(torch, conf.get("merged_dtype") or "float32")
     tok = AutoTokenizer.from_pretrained(str(d / conf.get("tokenizer", "tokenizer")))
     ensure_pad_token(tok)
+    # straight onto the device: a real-size base is loaded, merged and moved once, not via host memory
+    place = {"device_map": {"": device}} if str(device).startswith("cuda") else {}
     if (d / "merged").is_dir():
-        lm = AutoModelForCausalLM.from_pretrained(str(d / "merged"), dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(str(d / "merged"), dtype=dtype, **place)
     else:
         from peft import PeftModel
 
@@ -167,7 +169,7 @@ def load_classifier(
                     "save_merged: true or rebuild the tiny model"
                 )
             base_ref = conf["base_model"]  # a hub id (or a path that moved back)
-        base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=dtype, **place)
         if len(tok) > base.get_input_embeddings().weight.shape[0]:  # Unsloth added a pad token
             base.resize_token_embeddings(len(tok))
         lm = PeftModel.from_pretrained(base, str(d / conf.get("adapter", "adapter"))).merge_and_unload()
