@@ -3,7 +3,9 @@ and the report. No model weights are trained here; the generator test uses a tin
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,6 +25,7 @@ from dagtune.evaluation.tasks import (
 )
 from dagtune.formats import format_function_call
 
+ROOT = Path(__file__).resolve().parent.parent
 COMPUTATIONAL = ["arithmetic", "computational"]
 
 
@@ -296,21 +299,21 @@ def test_batched_generation_equals_one_at_a_time(tmp_path, name):
     assert all(x.text.endswith(stops) and sum(x.text.count(s) for s in stops) == 1 for x in stopped)
 
 
+def _real_shape(model: str) -> dict:
+    """A real model's config (sizes, attention layout) from the benchmark's table, where it is written once."""
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks/train_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.MODELS[model]["config"]
+
+
 def test_cuda_batch_size_follows_kv_bytes_per_token():
     """FunctionGemma-270M's shape: 18 layers x 1 KV head x 256 dims x K,V x bf16 = 18,432 bytes/token."""
     from transformers import Gemma3TextConfig
 
     from dagtune.evaluation.generate import kv_bytes_per_token, memory_batch_size, row_bytes
 
-    cfg = Gemma3TextConfig(
-        vocab_size=262144,
-        hidden_size=640,
-        intermediate_size=2048,
-        num_hidden_layers=18,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=256,
-    )
+    cfg = Gemma3TextConfig(**_real_shape("functiongemma-270m"))
     assert kv_bytes_per_token(cfg, 2) == 18432
     per_row = row_bytes(cfg, 2, 512)
     assert per_row == 18432 * 512 + 512 * (2 * 2048 + 4 * 640) * 2 + 4 * 262144

@@ -1,51 +1,8 @@
-"""Pure evaluation logic: safe arithmetic, equation checks and the metrics for all three fine-tunes."""
+"""The ``evaluate`` node and its pure evaluation logic.
 
-from dagtune.evaluation.metrics import (
-    CLASSIFIER_LABELS,
-    VERDICT_LABELS,
-    choose_threshold,
-    classifier_metrics,
-    coerce_expected_calls,
-    equation_score,
-    extractor_metrics,
-    function_calling_metrics,
-    normalize_arabic,
-    normalize_text,
-    normalize_value,
-    score_function_call,
-    split_solution_lines,
-    two_stage_verdict,
-    verdict_metrics,
-)
-from dagtune.evaluation.safe_arith import (
-    ArithmeticCheckError,
-    Uncheckable,
-    UnsafeExpression,
-    check_equation,
-    safe_eval,
-    sanitize,
-)
+Modules: ``safe_arith`` (bounded arithmetic and equation checks), ``metrics`` (the metrics of all three
+fine-tunes), ``tasks`` (per-task gold extraction and scoring tables), ``generate`` (batched greedy
+generation), ``plots`` and ``report`` (the node's PNGs and report.md) and ``node`` (``build``).
 
-__all__ = [
-    "CLASSIFIER_LABELS",
-    "VERDICT_LABELS",
-    "ArithmeticCheckError",
-    "Uncheckable",
-    "UnsafeExpression",
-    "check_equation",
-    "choose_threshold",
-    "classifier_metrics",
-    "coerce_expected_calls",
-    "equation_score",
-    "extractor_metrics",
-    "function_calling_metrics",
-    "normalize_arabic",
-    "normalize_text",
-    "normalize_value",
-    "safe_eval",
-    "sanitize",
-    "score_function_call",
-    "split_solution_lines",
-    "two_stage_verdict",
-    "verdict_metrics",
-]
+Import the submodules directly; this package re-exports nothing.
+"""
