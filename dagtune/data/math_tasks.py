@@ -85,8 +85,12 @@ def parse_eqn_row(row: RawRow, name: str) -> dict[str, Any]:
         raise RowProblem("missing field", f"eqn is empty for type={kind}")
     if eqn and eqn.count("=") != 1:
         raise RowProblem("bad value", f"eqn={eqn!r} must have the form lhs=rhs")
-    rid = row_id(rec, name, row.line, "id")
-    return {"id": rid, "source": f"{name}:{row.line}", "group": rid, "line": line, "eqn": eqn, "type": kind}
+    return eqn_item(row_id(rec, name, row.line, "id"), f"{name}:{row.line}", line, eqn, kind)
+
+
+def eqn_item(rid: str, source: str, line: str, eqn: str, kind: str) -> dict[str, Any]:
+    """An equation-extraction example (its own group: lines of one source do not leak into each other)."""
+    return {"id": rid, "source": source, "group": rid, "line": line, "eqn": eqn, "type": kind}
 
 
 def parse_label(value: Any) -> int:
@@ -112,6 +116,16 @@ def classifier_item(
         "label": label,
         "error_type": "" if label == 0 else (error_type or UNSPECIFIED),
     }
+
+
+def solution_pair(
+    rid: str, source: str, group: str, question: str, good: str, bad: str, error_type: str
+) -> list[dict[str, Any]]:
+    """A correct and a flawed solution of one question, in one group (so in one split)."""
+    return [
+        classifier_item(f"{rid}:correct", source, group, question, good, 0, ""),
+        classifier_item(f"{rid}:flawed", source, group, question, bad, 1, error_type),
+    ]
 
 
 def report_error_types(src: SourceRows, items: list[dict[str, Any]]) -> None:
@@ -169,10 +183,7 @@ def parse_pairs_row(row: RawRow, name: str) -> list[dict[str, Any]]:
     good, bad = require_str(rec, "correct_answer"), require_str(rec, "wrong_answer")
     error_type = optional_str(rec, "error_type")
     rid, src, group = row_id(rec, name, row.line, "id"), f"{name}:{row.line}", question_group(question)
-    return [
-        classifier_item(f"{rid}:correct", src, group, question, good, 0, ""),
-        classifier_item(f"{rid}:flawed", src, group, question, bad, 1, error_type),
-    ]
+    return solution_pair(rid, src, group, question, good, bad, error_type)
 
 
 def parse_labeled_row(row: RawRow, name: str) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from dagtune.data.math_tasks import eqn_item, solution_pair
 from dagtune.data.tools import ToolCatalog, normalize_tool
 
 DIALECTS = ("MSA", "Gulf", "Egyptian", "Levantine", "Maghrebi")
@@ -483,10 +484,7 @@ def synthetic_extractor(n: int, seed: int) -> list[dict[str, Any]]:
             line, eqn = rng.choice(NO_EQ_LINES).format(**fill), ""
         else:
             line, eqn = rng.choice(EQ_LINES[op]).format(**fill), f"{a}{op}{b}={shown}"
-        rid = f"syn-ex-{i:05d}"
-        rows.append(
-            {"id": rid, "source": f"synthetic:{i}", "group": rid, "line": line, "eqn": eqn, "type": kind}
-        )
+        rows.append(eqn_item(f"syn-ex-{i:05d}", f"synthetic:{i}", line, eqn, kind))
     return rows
 
 
@@ -537,29 +535,9 @@ def synthetic_classifier(n: int, seed: int) -> list[dict[str, Any]]:
         fill = {"name": rng.choice(NAMES), "item": rng.choice(ITEMS), "a": a, "b": b}
         question, lead = (t.format(**fill) for t in PROBLEMS[op])
         error = ERROR_TYPES[i % len(ERROR_TYPES)]
-        gid, src = f"syn-cl-{i:05d}", f"synthetic:{i}"
-        rows.append(
-            {
-                "id": f"{gid}:correct",
-                "source": src,
-                "group": gid,
-                "question": question,
-                "solution": solution_text(lead, a, op, b, c, c),
-                "label": 0,
-                "error_type": "",
-            }
-        )
-        rows.append(
-            {
-                "id": f"{gid}:flawed",
-                "source": src,
-                "group": gid,
-                "question": question,
-                "solution": flawed_solution(rng, error, lead, a, op, b, c),
-                "label": 1,
-                "error_type": error,
-            }
-        )
+        gid, good = f"syn-cl-{i:05d}", solution_text(lead, a, op, b, c, c)
+        bad = flawed_solution(rng, error, lead, a, op, b, c)
+        rows.extend(solution_pair(gid, f"synthetic:{i}", gid, question, good, bad, error))
     return rows[:n]
 
 
