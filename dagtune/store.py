@@ -258,7 +258,6 @@ class ArtifactStore:
         inputs: dict[str, Any],
         metrics: dict[str, Any],
         started: float,
-        extra: dict[str, Any] | None = None,
     ) -> Artifact:
         """Hash the files, write the manifest last, then rename the temp dir into place."""
         files = []
@@ -290,7 +289,6 @@ class ArtifactStore:
                 "seconds": round(time.time() - started, 3),
             },
             "host": platform.node(),
-            **(extra or {}),
         }
         manifest = redact(manifest)  # no credentials in any manifest, whatever a node put in it
         tmp_manifest = tmp / (MANIFEST + ".part")
