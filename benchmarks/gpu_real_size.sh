@@ -17,6 +17,7 @@
 #             what is left of $BUDGET seconds (SIGINT first, so the JSON of finished runs stays).
 #   gpu_tests the GPU tests (pytest -m gpu; GPU_TESTS = the files), under what is left of $BUDGET.
 # Knobs (env): STAGES="build gen pipeline" BUDGET=585 T_GEN=120 GEN_N=512 GEN_SEQ=16 STEPS_CAP= WARM=
+#   PIPE_OVERRIDE= (JSON deep-merged into the pipeline stage's config, e.g. {"runtime": {"gpus": 2}})
 set -uo pipefail
 OUT=${OUT:-$PWD/benchmarks/results/gpu_real_size}
 mkdir -p "$OUT"
@@ -83,6 +84,7 @@ for s in $STAGES; do
     timeout -s INT -k 60 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
       --fc "$FC" --extractor "$EXTRACTOR" --classifier "$CLASSIFIER" --eval "$EVAL" "${TOKS[@]}" \
       ${STEPS_CAP:+--steps-cap "$STEPS_CAP"} $([ -n "${WARM:-}" ] && echo --warm) \
+      ${PIPE_OVERRIDE:+--override "$PIPE_OVERRIDE"} \
       --state-dir "${TMPDIR:-/tmp}/dagtune_real_state" --out "$OUT/pipeline_real_size.json" \
       >"$OUT/pipeline_real_size.driver.log" 2>&1
     grep -aE "^(cold|warm):|wrote|Error" "$OUT/pipeline_real_size.driver.log" | tee -a "$OUT/real_size.log"

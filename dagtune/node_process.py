@@ -77,8 +77,10 @@ def child_command(spec: Path, processes: int) -> list[str]:
     ]
 
 
-def child_env(devices: list[str]) -> dict[str, str]:
+def child_env(devices: list[str], threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads and "OMP_NUM_THREADS" not in env:  # an operator's own setting wins
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     # "" hides every GPU: a node scheduled on the CPU must not touch one another node is using
     env["CUDA_VISIBLE_DEVICES"] = ",".join(d for d in devices if d != "cpu")
     env["PYTHONUNBUFFERED"] = "1"
@@ -138,9 +140,11 @@ def _explain(rc: int, err: dict[str, Any] | None, devices: list[str]) -> str:
     return f"{what} (exit code {rc} on {where})"
 
 
-def run_in_process(ctx: Any, cfg: Any, module: str, devices: list[str], processes: int = 1) -> dict[str, Any]:
-    """Build the node (``module``: "package.module:function") in a child process on ``devices``;
-    returns its metrics."""
+def run_in_process(
+    ctx: Any, cfg: Any, module: str, devices: list[str], processes: int = 1, threads: int | None = None
+) -> dict[str, Any]:
+    """Build the node (``module``: "package.module:function") in a child process on ``devices`` (with
+    ``threads`` CPU threads per process); returns its metrics."""
     from dagtune.logs import NODE_LOG
 
     scratch = Path(ctx.scratch)
@@ -155,7 +159,7 @@ def run_in_process(ctx: Any, cfg: Any, module: str, devices: list[str], processe
     log.debug("node %s: %s (CUDA_VISIBLE_DEVICES=%s)", ctx.name, " ".join(cmd), ",".join(devices))
     try:
         with open(node_log_path, "a", encoding="utf-8", buffering=1) as node_log:
-            proc = subprocess.Popen(cmd, env=child_env(devices), stdout=subprocess.PIPE, stderr=node_log,
+            proc = subprocess.Popen(cmd, env=child_env(devices, threads), stdout=subprocess.PIPE, stderr=node_log,
                                     stdin=subprocess.DEVNULL, text=True, bufsize=1)  # fmt: skip
             try:
                 assert proc.stdout is not None

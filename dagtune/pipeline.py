@@ -319,8 +319,10 @@ def run_on_devices(
         with node_output_to(ctx.out / NODE_LOG):
             return node.load(node.module)(ctx)
     from dagtune.node_process import run_in_process
+    from dagtune.slots import threads_per_slot
 
-    return run_in_process(ctx, cfg, node.module, devices, processes=len(devices))
+    threads = threads_per_slot(cfg.runtime)
+    return run_in_process(ctx, cfg, node.module, devices, processes=len(devices), threads=threads)
 
 
 def node_status(cfg: PipelineConfig) -> list[dict[str, Any]]:

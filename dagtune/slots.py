@@ -49,6 +49,25 @@ def visible_gpus() -> list[str]:
     )
 
 
+def cpu_threads() -> int:
+    """CPU threads this process should use: its share set by the parent (OMP_NUM_THREADS, see
+    ``threads_per_slot``), else every CPU it may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_slot(runtime: Any) -> int:
+    """A node process's share of the CPUs: every slot of the worker may be busy at once, and torch's
+    spinning thread pools in one process slow another's kernel launches when they oversubscribe."""
+    slots = len(worker_devices(runtime)) * runtime.nodes_per_device
+    return max(1, cpu_threads() // slots)
+
+
 def worker_devices(runtime: Any) -> list[str]:
     """The devices this worker schedules on: ``runtime.gpus`` GPUs (all visible when unset), or the CPU."""
     if runtime.device == "cpu":

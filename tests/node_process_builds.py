@@ -15,6 +15,7 @@ def ok(ctx):
     return {
         "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "section": type(ctx.section).__name__,
         "state_dir": str(ctx.settings.state_dir),
     }

@@ -16,10 +16,10 @@ from dagtune.node_process import NodeProcessError
 NODE = "train_classifier"
 
 
-def _run(monkeypatch, build: str):
+def _run(monkeypatch, build: str, overrides: dict | None = None):
     node = dataclasses.replace(pipeline.NODES[NODE], module=f"tests.node_process_builds:{build}", upstream=())
     monkeypatch.setitem(pipeline.NODES, NODE, node)
-    cfg = load_config(profile="tiny")
+    cfg = load_config(profile="tiny", overrides=overrides)
     return cfg, pipeline.run_node(NODE, cfg, {})
 
 
@@ -39,10 +39,15 @@ def test_node_builds_in_a_child_process_and_its_records_reach_the_run_log(state_
     assert not list((cfg.artifact_root / ".scratch").glob("*/node-spec.json"))  # the spec holds the config
 
 
-def test_cpu_node_sees_no_gpu(state_dir, monkeypatch):
+def test_cpu_node_sees_no_gpu_and_gets_its_share_of_threads(state_dir, monkeypatch):
+    from dagtune.slots import cpu_threads
+
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    _, (art, _) = _run(monkeypatch, "ok")
-    assert art.manifest()["metrics"]["cuda_visible_devices"] == ""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _, (art, _) = _run(monkeypatch, "ok", {"runtime": {"nodes_per_device": 2}})
+    metrics = art.manifest()["metrics"]
+    assert metrics["cuda_visible_devices"] == ""
+    assert metrics["omp_num_threads"] == str(max(1, cpu_threads() // 2))
 
 
 @pytest.mark.parametrize(

@@ -78,60 +78,76 @@ def _base_dir(ctx: NodeContext, train_node: str) -> Path:
     return Path(snapshot_download(name, local_files_only=True))  # downloaded when the node trained
 
 
-def build(ctx: NodeContext) -> dict[str, Any]:
+def _export(ctx: NodeContext, model: str, device: str, n_threads: int) -> tuple[dict[str, Any], list[str]]:
+    """One model: convert, quantize, parity-check each file. -> (files, failures)"""
     from dagtune.gguf import convert_hf_to_gguf, parity_check, quantize
+
+    cfg = ctx.section
+    train_node, task = SOURCES[model]
+    merged = ctx.upstream[train_node].dir / "merged"
+    if not (merged / "config.json").is_file():
+        raise FileNotFoundError(f"{train_node} artifact has no merged model at {merged}")
+    out_dir = ctx.out / model
+    out_dir.mkdir(parents=True)
+    base_file = ctx.scratch / f"{model}.{cfg.outtype}.gguf"
+    tok_source = None if (merged / "tokenizer.model").is_file() else _base_dir(ctx, train_node)
+    conv = convert_hf_to_gguf(merged, base_file, outtype=cfg.outtype, tokenizer_source=tok_source)
+    prompts = _prompts(ctx.upstream["prepare_data"].dir, task, cfg.parity_prompts)
+    chats = _chats(ctx, task, cfg.parity_prompts) if model in cfg.template_check else None
+    files: dict[str, Any] = {}
+    failures: list[str] = []
+    for qtype in cfg.quantizations:
+        target = out_dir / f"{model}.{qtype}.gguf"
+        if qtype == cfg.outtype:
+            shutil.copyfile(base_file, target)
+            q = {"qtype": qtype, "seconds": 0.0}
+        elif qtype in ("f16", "bf16"):
+            q = convert_hf_to_gguf(merged, target, outtype=qtype, tokenizer_source=tok_source)
+        else:
+            q = quantize(base_file, target, qtype)
+        parity = parity_check(
+            merged,
+            target,
+            prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            min_top1_agreement=cfg.min_top1_agreement,
+            top1_tie_tolerance=cfg.top1_tie_tolerance,
+            chats=chats,
+            min_template_greedy_match=cfg.min_template_greedy_match,
+            device=device,
+            n_threads=n_threads,
+            greedy_prompts=cfg.greedy_prompts,
+        )
+        files[qtype] = {
+            "file": target.relative_to(ctx.out).as_posix(),
+            "size_bytes": target.stat().st_size,
+            "convert_seconds": conv.get("seconds"),
+            "quantize_seconds": q.get("seconds"),
+            "warnings": q.get("warnings", []),
+            "parity": {k: v for k, v in parity.items() if k != "token_id_mismatches"},
+        }
+        if not parity["passed"]:
+            failures.append(f"{model} {qtype}: " + "; ".join(parity["failures"]))
+    return files, failures
+
+
+def build(ctx: NodeContext) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dagtune.gguf.parity import float32_reference
     from dagtune.runtime import resolve_device
+    from dagtune.slots import cpu_threads
 
     cfg = ctx.section
     device = resolve_device(ctx.runtime.device)
-    data_dir = ctx.upstream["prepare_data"].dir
-    metrics: dict[str, Any] = {}
-    failures: list[str] = []
-    for model in cfg.models:
-        train_node, task = SOURCES[model]
-        merged = ctx.upstream[train_node].dir / "merged"
-        if not (merged / "config.json").is_file():
-            raise FileNotFoundError(f"{train_node} artifact has no merged model at {merged}")
-        out_dir = ctx.out / model
-        out_dir.mkdir(parents=True)
-        base_file = ctx.scratch / f"{model}.{cfg.outtype}.gguf"
-        tok_source = None if (merged / "tokenizer.model").is_file() else _base_dir(ctx, train_node)
-        conv = convert_hf_to_gguf(merged, base_file, outtype=cfg.outtype, tokenizer_source=tok_source)
-        prompts = _prompts(data_dir, task, cfg.parity_prompts)
-        chats = _chats(ctx, task, cfg.parity_prompts) if model in cfg.template_check else None
-        files: dict[str, Any] = {}
-        for qtype in cfg.quantizations:
-            target = out_dir / f"{model}.{qtype}.gguf"
-            if qtype == cfg.outtype:
-                shutil.copyfile(base_file, target)
-                q = {"qtype": qtype, "seconds": 0.0}
-            elif qtype in ("f16", "bf16"):
-                q = convert_hf_to_gguf(merged, target, outtype=qtype, tokenizer_source=tok_source)
-            else:
-                q = quantize(base_file, target, qtype)
-            parity = parity_check(
-                merged,
-                target,
-                prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                min_top1_agreement=cfg.min_top1_agreement,
-                top1_tie_tolerance=cfg.top1_tie_tolerance,
-                chats=chats,
-                min_template_greedy_match=cfg.min_template_greedy_match,
-                device=device,
-                greedy_prompts=cfg.greedy_prompts,
-            )
-            files[qtype] = {
-                "file": target.relative_to(ctx.out).as_posix(),
-                "size_bytes": target.stat().st_size,
-                "convert_seconds": conv.get("seconds"),
-                "quantize_seconds": q.get("seconds"),
-                "warnings": q.get("warnings", []),
-                "parity": {k: v for k, v in parity.items() if k != "token_id_mismatches"},
-            }
-            if not parity["passed"]:
-                failures.append(f"{model} {qtype}: " + "; ".join(parity["failures"]))
-        metrics[model] = files
+    models = list(cfg.models)
+    # The models side by side: conversion is a subprocess and llama.cpp's C code runs without the GIL,
+    # so two exports take about the time of the longer one; llama.cpp's threads are split between them.
+    n_threads = max(1, cpu_threads() // max(1, len(models)))
+    with float32_reference(), ThreadPoolExecutor(max(1, len(models)), thread_name_prefix="gguf") as pool:
+        done = list(pool.map(lambda m: _export(ctx, m, device, n_threads), models))
+    metrics = {m: files for m, (files, _) in zip(models, done, strict=True)}
+    failures = [f for _, fails in done for f in fails]
     (ctx.out / "parity_report.md").write_text(_report(metrics), encoding="utf-8")
     if failures:
         # The report stays in the scratch dir for inspection; nothing is committed to the store.

@@ -26,8 +26,10 @@ should produce one BOS.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,14 +302,41 @@ def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None) -> Any:
     )
 
 
+# transformers' loading patches torch globally: two loads at once in one process fail ("Cannot copy out
+# of meta tensor"), and convert_gguf checks its models in threads side by side.
+_LOAD_LOCK = threading.Lock()
+_TF32 = {"holders": 0, "saved": False}
+_TF32_LOCK = threading.Lock()
+
+
 def _hf_model(hf_model_dir: Path, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        hf_model_dir, dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.to(device).eval()
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(
+            hf_model_dir, dtype=torch.float32, attn_implementation="eager"
+        )
+        return model.to(device).eval()
+
+
+@contextmanager
+def float32_reference() -> Iterator[None]:
+    """TF32 off while any parity check runs (a process-wide switch: counted, so threads nest)."""
+    import torch
+
+    with _TF32_LOCK:
+        if _TF32["holders"] == 0:
+            _TF32["saved"] = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+        _TF32["holders"] += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _TF32["holders"] -= 1
+            if _TF32["holders"] == 0:
+                torch.backends.cuda.matmul.allow_tf32 = _TF32["saved"]
 
 
 def _compare_prompts(
@@ -438,7 +467,6 @@ def parity_check(
     logit differences above (``top1_agreement_all_positions[_ties_ok]``, ``n_positions``, last-position
     ``top1_agreement[_ties_ok]``, ``greedy_exact_match_rate``, ``template_*``...), ``passed``,
     ``failures`` (reasons), ``seconds`` and up to ``max_mismatch_records`` ``token_id_mismatches``."""
-    import torch
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
@@ -447,7 +475,8 @@ def parity_check(
     if chats is not None and len(chats) != len(prompts):
         raise ValueError(f"parity_check got {len(chats)} chats for {len(prompts)} prompts")
     hf_model_dir, gguf_file = Path(hf_model_dir), Path(gguf_file)
-    tok = AutoTokenizer.from_pretrained(hf_model_dir)
+    with _LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(hf_model_dir)
     hf_ids_all, ll_ids_all = _token_ids(tok, gguf_file, prompts)
     mismatches = _id_mismatches(hf_ids_all, ll_ids_all)
     model = _hf_model(hf_model_dir, device)
@@ -456,16 +485,14 @@ def parity_check(
     if chats is not None:
         n_ctx += 256  # a rendering by another template may be a little longer
     llm = _open_llama(gguf_file, n_ctx, n_threads)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reference stays float32 on a GPU
     try:
-        stop.add(int(llm.token_eos()))
-        compared = _compare_prompts(
-            model, llm, hf_ids_all, ll_ids_all, chats, max_new_tokens, stop, top1_tie_tolerance,
-            len(prompts) if greedy_prompts is None else greedy_prompts,
-        )  # fmt: skip
+        with float32_reference():  # the reference stays float32 on a GPU
+            stop.add(int(llm.token_eos()))
+            compared = _compare_prompts(
+                model, llm, hf_ids_all, ll_ids_all, chats, max_new_tokens, stop, top1_tie_tolerance,
+                len(prompts) if greedy_prompts is None else greedy_prompts,
+            )  # fmt: skip
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         llm.close()
         del model
     n = len(prompts)
