@@ -468,8 +468,8 @@ class ConvertGgufConfig(Section):
     greedy_prompts: int = F(
         8,
         "How many of the parity prompts (the first ones) also compare greedy generation from the same token "
-        "ids; the template check runs on every prompt. Decoding runs on llama.cpp's CPU path, which at real "
-        "size costs about a second per prompt.",
+        "ids; a template_check model compares every prompt (its template check needs that generation). "
+        "Decoding runs on llama.cpp's CPU path, which at real size costs about a second per prompt.",
         ge=0,
     )
     models: list[Literal["function_calling", "extractor"]] = F(

@@ -36,7 +36,13 @@ TAIL_LINES = 30
 
 
 class NodeProcessError(RuntimeError):
-    """A node's process failed: exit code, signal or error, with the tail of its log."""
+    """A node's process failed: exit code, signal or error, with the tail of its log. ``child_type``:
+    the class name of the exception the node raised in its process (None after a signal)."""
+
+    def __init__(self, message: str, child_type: str | None = None, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.child_type = child_type
+        self.returncode = returncode
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -181,9 +187,12 @@ def run_in_process(
     kept.write_text(
         node_log_path.read_text(encoding="utf-8", errors="replace") if node_log_path.exists() else ""
     )
+    err = _error_from_files(scratch)
     raise NodeProcessError(
-        f"node {ctx.name} failed in its own process: {_explain(rc, _error_from_files(scratch), devices)}\n"
-        f"last lines of its log ({kept}):\n{_tail(kept)}"
+        f"node {ctx.name} failed in its own process: {_explain(rc, err, devices)}\n"
+        f"last lines of its log ({kept}):\n{_tail(kept)}",
+        child_type=(err or {}).get("type"),
+        returncode=rc,
     )
 
 

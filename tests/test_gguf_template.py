@@ -15,6 +15,7 @@ from dagtune import pipeline
 from dagtune.config import load_config
 from dagtune.gguf.node import ParityError
 from dagtune.models import load_tokenizer, resolve_model
+from dagtune.node_process import NodeProcessError
 from dagtune.store import ArtifactStore
 
 needs_llama_cpp = pytest.mark.skipif(
@@ -111,8 +112,9 @@ def test_embedded_template_renders_the_training_prompts(cfg):
 )
 def test_lost_or_changed_template_fails_the_node(cfg, variant, message):
     store = ArtifactStore(cfg.artifact_root)
-    with pytest.raises(ParityError, match=message) as err:
+    with pytest.raises(NodeProcessError, match=message) as err:  # the node runs in its own process
         pipeline.run_node("convert_gguf", cfg, _upstream(store, variant))
+    assert err.value.child_type == ParityError.__name__
     assert "function_calling f16" in str(err.value)
     assert not list(Path(cfg.artifact_root).glob("convert_gguf/*/manifest.json"))  # nothing committed
     assert "top-1" not in str(err.value)  # the logits agree: only the template check fails

@@ -64,6 +64,10 @@ def test_child_failure_is_one_clear_node_failure(state_dir, monkeypatch, build, 
         _run(monkeypatch, build)
     cfg = load_config(profile="tiny")
     assert not list((cfg.artifact_root / NODE).glob("*/manifest.json"))  # nothing committed
+    assert (
+        err.value.child_type
+        == {"fail": "ValueError", "killed": None, "out_of_memory": "OutOfMemoryError"}[build]
+    )
     if build == "fail":  # the log's tail comes with the error, and stays in the scratch dir
         assert "library chatter before the failure" in str(err.value)
         assert "Traceback" in str(err.value)

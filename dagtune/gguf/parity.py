@@ -350,8 +350,9 @@ def _compare_prompts(
     tolerance: float,
     greedy_n: int,
 ) -> dict[str, Any]:
-    """(b) and (d) over every prompt; (c), greedy on the same token ids, over the first ``greedy_n``
-    (decoding on llama.cpp's CPU path costs a real-size model's check minutes per 64 prompts)."""
+    """(b) over every prompt; (c), greedy on the same token ids, over the first ``greedy_n`` -- every
+    prompt when (d) runs, which reuses it -- (decoding on llama.cpp's CPU path costs a real-size model's
+    check minutes per 64 prompts)."""
     import numpy as np
     import torch
 
@@ -375,12 +376,11 @@ def _compare_prompts(
         if i >= greedy_n and not check_template:
             continue
         hf_gen = _hf_greedy(model, out, max_new_tokens, stop)
-        if i < greedy_n:
-            ll_gen = _llama_greedy(llm, max_new_tokens, stop)
-            greedy_exact.append(hf_gen == ll_gen)
-            prefix = _first_diff(hf_gen, ll_gen)
-            prefix = len(hf_gen) if prefix is None else prefix
-            greedy_frac.append(prefix / max(len(hf_gen), len(ll_gen), 1))
+        ll_gen = _llama_greedy(llm, max_new_tokens, stop)  # the template check reuses it on equal ids
+        greedy_exact.append(hf_gen == ll_gen)
+        prefix = _first_diff(hf_gen, ll_gen)
+        prefix = len(hf_gen) if prefix is None else prefix
+        greedy_frac.append(prefix / max(len(hf_gen), len(ll_gen), 1))
         if check_template:
             tpl.add(llm, chats[i], (l_ids, ll_gen), hf_gen, max_new_tokens, stop)
     n = len(hf_ids_all)
