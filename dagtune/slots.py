@@ -49,16 +49,21 @@ def visible_gpus() -> list[str]:
     )
 
 
+def host_cpus() -> int:
+    """Every CPU this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def cpu_threads() -> int:
     """CPU threads this process should use: its share set by the parent (OMP_NUM_THREADS, see
     ``threads_per_slot``), else every CPU it may run on."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return host_cpus()
 
 
 def threads_per_slot(runtime: Any) -> int:

@@ -136,14 +136,15 @@ def build(ctx: NodeContext) -> dict[str, Any]:
 
     from dagtune.gguf.parity import float32_reference
     from dagtune.runtime import resolve_device
-    from dagtune.slots import cpu_threads
+    from dagtune.slots import host_cpus
 
     cfg = ctx.section
     device = resolve_device(ctx.runtime.device)
     models = list(cfg.models)
     # The models side by side: conversion is a subprocess and llama.cpp's C code runs without the GIL,
-    # so two exports take about the time of the longer one; llama.cpp's threads are split between them.
-    n_threads = max(1, cpu_threads() // max(1, len(models)))
+    # so two exports take about the time of the longer one. llama.cpp's CPU work is most of the node
+    # (the GPU nodes beside it are launch-bound), so its threads split the host, not the slot's share.
+    n_threads = max(1, host_cpus() // max(1, len(models)))
     with float32_reference(), ThreadPoolExecutor(max(1, len(models)), thread_name_prefix="gguf") as pool:
         done = list(pool.map(lambda m: _export(ctx, m, device, n_threads), models))
     metrics = {m: files for m, (files, _) in zip(models, done, strict=True)}

@@ -62,9 +62,19 @@ def _truncate_at_stop(seq: list[int], stop: set[int]) -> list[int]:
     return seq
 
 
+def _tensors(hf: Any, ll: Any) -> tuple[Any, Any]:
+    """Both as torch tensors on HF's device (numpy arrays are wrapped, not copied): at real size a
+    prompt's logits are positions x 262k, and the reductions below run where the HF logits are."""
+    import torch
+
+    hf = torch.as_tensor(hf)
+    return hf, torch.as_tensor(ll).to(hf.device, hf.dtype)
+
+
 def compare_top1(hf_last: Any, ll_last: Any, tie_tolerance: float) -> tuple[bool, dict[str, Any] | None]:
     """(same top-1?, the disagreement: HF's logit gap between its top-1 and llama.cpp's, and whether that
     gap is within ``tie_tolerance``, i.e. a near-tie that rounding can flip)."""
+    hf_last, ll_last = _tensors(hf_last, ll_last)
     hf_top, ll_top = int(hf_last.argmax()), int(ll_last.argmax())
     if hf_top == ll_top:
         return True, None
@@ -92,16 +102,17 @@ class _Top1:
 
     def add(self, hf: Any, ll: Any) -> None:
         """``hf``/``ll``: (positions, vocab) logits of one prompt."""
-        import numpy as np
+        import torch
 
+        hf, ll = _tensors(hf, ll)
         hf_top, ll_top = hf.argmax(-1), ll.argmax(-1)
         same = hf_top == ll_top
-        rows = np.arange(len(hf))
+        rows = torch.arange(len(hf), device=hf.device)
         gap = hf[rows, hf_top] - hf[rows, ll_top]
         self.hits += int(same.sum())
         self.ties += int(((~same) & (gap <= self.tolerance)).sum())
         self.n += len(hf)
-        self.max_diff = max(self.max_diff, float(np.abs(hf - ll).max()))
+        self.max_diff = max(self.max_diff, float((hf - ll).abs().max()))
 
     def strict(self) -> float | None:
         return self.hits / self.n if self.n else None
@@ -122,17 +133,16 @@ class _Last:
     flips: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, hf_last: Any, ll_last: Any) -> None:
-        import numpy as np
-
-        diff = np.abs(hf_last - ll_last)
+        hf_last, ll_last = _tensors(hf_last, ll_last)
+        diff = (hf_last - ll_last).abs()
         agree, flip = compare_top1(hf_last, ll_last, self.tolerance)
         if flip:
             self.flips.append({"prompt": len(self.top1), **flip})
         self.top1.append(agree)
         self.max_diff.append(float(diff.max()))
         self.mean_diff.append(float(diff.mean()))
-        top2 = np.partition(hf_last, -2)[-2:]
-        self.margin.append(float(top2[1] - top2[0]))
+        top2 = hf_last.topk(2).values
+        self.margin.append(float(top2[0] - top2[1]))
 
 
 def _token_ids(tok: Any, gguf_file: Path, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -363,15 +373,16 @@ def _compare_prompts(
     for i, (h_ids, l_ids) in enumerate(zip(hf_ids_all, ll_ids_all, strict=True)):
         with torch.no_grad():
             out = model(input_ids=torch.tensor([h_ids], device=dev), use_cache=True)
-        hf_logits = out.logits[0].float().cpu().numpy()
         llm.reset()
         llm.eval(l_ids)
-        ll_logits = np.array(llm.scores[: len(l_ids)], dtype=np.float32)
-        v = min(hf_logits.shape[-1], ll_logits.shape[-1])
-        last.add(hf_logits[-1, :v], ll_logits[-1, :v])
-        hf_absmax = max(hf_absmax, float(np.abs(hf_logits[:, :v]).max()))
+        ll_logits = torch.from_numpy(np.ascontiguousarray(llm.scores[: len(l_ids)], dtype=np.float32))
+        v = min(out.logits.shape[-1], ll_logits.shape[-1])
+        hf_logits = out.logits[0, :, :v].float()  # stays on the model's device, as do the reductions
+        ll_logits = ll_logits[:, :v].to(hf_logits.device)
+        last.add(hf_logits[-1], ll_logits[-1])
+        hf_absmax = max(hf_absmax, float(hf_logits.abs().max()))
         if h_ids == l_ids:
-            allpos.add(hf_logits[:, :v], ll_logits[:, :v])
+            allpos.add(hf_logits, ll_logits)
         check_template = tpl is not None and tpl.template is not None and chats is not None
         if i >= greedy_n and not check_template:
             continue
