@@ -110,6 +110,9 @@ def test_same_global_batch_and_same_loss_as_one_process(runs, node):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["num_tokens"] == a["num_tokens"]  # the non-pad tokens of the step, over both ranks
+    if node == "train_classifier":  # the final validation: the same predictions, the same loss
+        assert (m2["val_accuracy"], m2["val_macro_f1"]) == (m1["val_accuracy"], m1["val_macro_f1"])
+        assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -143,6 +143,16 @@ def _trainer_class() -> type:
                     loss = loss * self.accelerator.num_processes
             return (loss, {"logits": logits}) if return_outputs else loss
 
+        def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+            """The loss is the mean cross-entropy of the gathered logits: under DDP accelerate tops the
+            last batch up with repeated rows, which a per-batch mean loss would count (the logits it drops)."""
+            out = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            if out.predictions is not None and out.label_ids is not None and len(out.label_ids):
+                logits, labels = torch.as_tensor(out.predictions).float(), torch.as_tensor(out.label_ids)
+                out.metrics[f"{prefix}_loss"] = float(F.cross_entropy(logits, labels.long()))
+            return out
+
         def _determine_best_metric(self, metrics: dict, trial: Any) -> bool:
             """Also keep the best evaluation's trainable weights (restored after training)."""
             from safetensors.torch import save_file
