@@ -33,21 +33,16 @@ NODES = {  # node -> (files only rank 0 may write, updates)
 }
 
 
-def _specs(work: Path) -> list[dict]:
-    from dagtune.models import resolve_model
-
-    store = shared_store()
-    for model in ("tiny-phi3", "tiny-gemma3"):
-        resolve_model(model, store)  # built here once, before the children need them
+def _specs(work: Path, store: Path) -> list[dict]:
     data = str(prepared_data().dir)
-    return [{"work": str(work / node), "node": node, "updates": upd, "data": data, "store": str(store.root)}
+    return [{"work": str(work / node), "node": node, "updates": upd, "data": data, "store": str(store)}
             for node, (_, upd) in NODES.items()]  # fmt: skip
 
 
-def _launch(cmd: list[str], work: Path) -> subprocess.Popen:
+def _launch(cmd: list[str], work: Path, store: Path) -> subprocess.Popen:
     work.mkdir(parents=True)
     spec = work / "spec.json"
-    spec.write_text(json.dumps(_specs(work)))
+    spec.write_text(json.dumps(_specs(work, store)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(PYTHONPATH=str(TESTS.parent), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = open(work / "log.txt", "w")  # noqa: SIM115 - closed with the process
@@ -70,11 +65,20 @@ def _train_log(work: Path, node: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
-    """(one-process run, two-rank torchrun run), started side by side."""
+    """(one-process run, two-rank torchrun run), started side by side. The one-process run reads the
+    tiny models built here; the torchrun run starts from an empty store, so its ranks build them (rank 0
+    first: transformers saves nothing on another rank once the process group is up)."""
+    from dagtune.models import resolve_model
+
     root = tmp_path_factory.mktemp("ddp")
+    store = shared_store()
+    for model in ("tiny-phi3", "tiny-gemma3"):
+        resolve_model(model, store)
     torchrun = Path(sys.executable).with_name("torchrun")
-    one = _launch([sys.executable], root / "one")
-    two = _launch([str(torchrun), "--standalone", "--nproc_per_node", "2"], root / "two")
+    one = _launch([sys.executable], root / "one", store.root)
+    two = _launch(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2"], root / "two", root / "empty-store"
+    )
     _wait(one, root / "one")
     _wait(two, root / "two")
     return root / "one", root / "two"
@@ -92,6 +96,9 @@ def test_both_ranks_train_and_only_rank_0_writes(runs, node):
     assert list((two / node / "out-rank1").iterdir()) == []  # rank 1 trained but wrote nothing
     assert list((two / node / "out").iterdir()) == []
     assert [r["step"] for r in _train_log(two, node)] == list(range(1, STEPS + 1))  # one writer, once a step
+    base = Path(ranks[1]["metrics"]["base_model_path"])  # built by rank 0 in the run's own store
+    assert base.parent == two.parent / "empty-store" / "base_models"
+    assert (base / "model.safetensors").is_file() and (base / "config.json").is_file()
 
 
 @pytest.mark.slow

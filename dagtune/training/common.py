@@ -359,7 +359,11 @@ def decide_runtime(ctx: Any) -> Runtime:
 
 def load(ctx: Any, rt: Runtime, timer: StepTimer, **kw: Any) -> tuple[Loaded, TrainLog]:
     """Base + LoRA through the runtime (timed), and the node's train log in its scratch directory."""
+    from dagtune.models import resolve_model
+
     t = time.perf_counter()
+    model = ctx.section.model  # under torchrun rank 0 builds or downloads the base model, then the others
+    ddp.main_first(lambda: resolve_model(model.name, ctx.store, model.revision))
     loaded = rt.load_lora(ctx.section, ctx.store, **kw)
     timer.phases["load_s"] = time.perf_counter() - t
     return loaded, TrainLog(ctx.scratch / TRAIN_LOG)

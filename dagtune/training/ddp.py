@@ -14,18 +14,30 @@ under ``torchrun --nproc_per_node W`` (RANK / LOCAL_RANK / WORLD_SIZE in the env
   token-weighted mean over the step's examples, as on one process.
 - One writer: only rank 0 writes files (adapter, merged model, train log, the node's outputs); the other
   ranks train, take part in the evaluations (collective), then ``wait_for_main`` until rank 0 is done.
+  Rank 0 also builds or downloads the base model before the others read it (``main_first``).
+
+Launch (dagtune/node_process.py does this for a node section with ``gpus: k > 1``): the same node spec
+for every rank, ``CUDA_VISIBLE_DEVICES`` = the node's k GPUs, and ``python -m torch.distributed.run
+--standalone --nproc_per_node=k -m dagtune.node_process <spec>``; each rank calls the node's build
+function, which joins the group (NCCL on CUDA, gloo on CPU) on GPU ``LOCAL_RANK``. Every rank returns
+metrics; rank 0's are the node's.
+
+Known differences from one process: LoRA dropout masks come from each rank's own random stream (the
+loss is the same, the gradient the same in expectation); the SFT nodes' ``val_loss`` is the Trainer's
+per-batch mean, and accelerate tops the last validation batch up with repeated rows (the classifier
+computes its validation loss from the gathered logits instead: exact); resuming under torchrun on CPU
+fails inside transformers 5.17 (it loads the optimizer state with ``map_location='cpu:N'``, which
+``torch.load`` rejects) -- on CUDA the location is ``cuda:N``.
 
 Nothing here imports torch at module level (the planner imports the training modules).
 """
 
 from __future__ import annotations
 
-import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, NamedTuple
-
-log = logging.getLogger("dagtune.training")
+from typing import Any, NamedTuple, TypeVar
 
 # Rank 0 may spend a long time writing the merged model while the others wait: that wait runs on a
 # gloo group of its own with this timeout (NCCL's collective timeout is 10-30 minutes).
@@ -34,6 +46,7 @@ WAIT_TIMEOUT = timedelta(hours=6)
 COLLECTIVE_TIMEOUT = timedelta(seconds=1800)
 
 _WAIT_GROUP: Any = None
+T = TypeVar("T")
 
 
 class World(NamedTuple):
@@ -117,6 +130,19 @@ def barrier() -> None:
             "ddp.barrier() before the process group exists: call ddp.process_group(device) first"
         )
     dist.barrier()
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0, then on the other ranks: for what fills a shared cache (the base model built
+    into the artifact store, a hub snapshot downloaded). Not only to spare the work: with the process
+    group up, transformers' ``save_pretrained`` writes nothing on a rank other than 0, so a model built
+    there would be committed without its weights."""
+    if is_main():
+        result = fn()
+        barrier()
+        return result
+    barrier()
+    return fn()
 
 
 def wait_for_main() -> None:
