@@ -184,3 +184,20 @@ def test_config_gpus_validation(monkeypatch):
     assert R.resolve_backend(auto, "cuda", 2) == "hf"
     with pytest.raises(RuntimeError, match="unsloth backend trains on one GPU"):
         R.resolve_backend(RuntimeConfig(device="cuda", backend="unsloth"), "cuda", 2)
+
+
+def test_packed_plan_gives_every_rank_an_equal_share_of_each_step():
+    """Packing under W ranks: the micro-batches per step round up to a multiple of W (accelerate deals
+    them out round-robin, accum / W to each rank), and each step still holds exactly its group."""
+    from dagtune.data.packing import pack_plan, step_groups
+
+    lengths = [17, 230, 45, 90, 12, 300, 64, 128, 33, 75, 41, 250]
+    plain, k1 = pack_plan(lengths, 6, 400, seed=7, total_steps=4)
+    split, k2 = pack_plan(lengths, 6, 400, seed=7, total_steps=4, multiple_of=2)
+    assert k1 == 3 and k2 == 4  # 3 micro-batches fit the cap; 2 ranks need an even count
+    groups = step_groups(len(lengths), 6, 7, 4)
+    for step, group in enumerate(groups):
+        share = split[step * k2 : (step + 1) * k2]
+        assert sorted(i for mb in share for i in mb) == sorted(group)
+        assert all(sum(lengths[i] for i in mb) <= 400 for mb in share)
+    assert len(plain) == 4 * k1 and len(split) == 4 * k2
