@@ -28,6 +28,17 @@ MAX_NUMBER = 2**32
 EXCERPT_CHARS = 120
 
 
+# Unsloth's own page on multi-GPU (https://unsloth.ai/docs/basics/multi-gpu-training-with-unsloth):
+# DDP/FSDP "through libraries like Accelerate and DeepSpeed", with official multi-GPU support announced
+# as coming; this project trains Unsloth on one GPU and spreads a node over several with the hf backend.
+UNSLOTH_MULTI_GPU = (
+    "the unsloth backend trains on one GPU here: Unsloth's documentation describes multi-GPU (DDP, FSDP) "
+    "only as a manual Accelerate/DeepSpeed setup with official support still to come "
+    "(https://unsloth.ai/docs/basics/multi-gpu-training-with-unsloth), and this project neither wires nor "
+    "tests it; use runtime.backend 'hf' (or 'auto', which picks hf for a node with gpus > 1), or gpus: 1"
+)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
@@ -335,6 +346,24 @@ class TrainCommon(Section):
         "16-bit there; fp32 on CPU, where the tiny models train in fp32 and the GGUF parity check compares "
         "against them). The unsloth backend always writes its merged_16bit.",
     )
+    gpus: int = F(
+        1,
+        "GPUs this node trains on. Above 1 the node runs data parallel under torchrun (hf backend; "
+        "runtime.backend auto picks hf for it): each optimizer step still takes optim.batch_size * "
+        "optim.grad_accum examples, split over the GPUs, so that product must be a multiple of gpus.",
+        ge=1,
+        le=64,
+    )
+
+    @model_validator(mode="after")
+    def _global_batch_splits(self) -> TrainCommon:
+        per_step = self.optim.batch_size * self.optim.grad_accum
+        if per_step % self.gpus:
+            raise ValueError(
+                f"gpus={self.gpus}: optim.batch_size * optim.grad_accum = {per_step} examples per optimizer "
+                f"step cannot be split evenly over {self.gpus} GPUs; make it a multiple of {self.gpus}"
+            )
+        return self
 
 
 class SFTCommon(TrainCommon):
@@ -621,6 +650,15 @@ class PipelineConfig(Section):
     config_dir: str = F(
         "", "Directory of the config file; relative paths resolve against it (set by the loader)."
     )
+
+    @model_validator(mode="after")
+    def _unsloth_single_gpu(self) -> PipelineConfig:
+        """Unsloth trains on one GPU here (UNSLOTH_MULTI_GPU cites its documentation)."""
+        for name in ("train_function_calling", "train_extractor", "train_classifier"):
+            gpus = getattr(self, name).gpus
+            if self.runtime.backend == "unsloth" and gpus > 1:
+                raise ValueError(f"{name}.gpus={gpus} with runtime.backend=unsloth: {UNSLOTH_MULTI_GPU}")
+        return self
 
     @model_validator(mode="after")
     def _training_seeds(self) -> PipelineConfig:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dagtune.config import UNSLOTH_MULTI_GPU
 from dagtune.models.classifier import ensure_pad_token
 
 log = logging.getLogger("dagtune.training")
@@ -51,11 +52,14 @@ def resolve_device(device: str = "auto") -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
-def resolve_backend(runtime: Any, device: str | None = None) -> str:
-    """``unsloth`` or ``hf``. auto: unsloth iff the device is CUDA and the package is installed."""
+def resolve_backend(runtime: Any, device: str | None = None, gpus: int = 1) -> str:
+    """``unsloth`` or ``hf``. auto: unsloth iff the device is CUDA, the package is installed and the node
+    runs on one GPU (``gpus``: the node section's; data parallel runs on the hf backend)."""
     device = device or resolve_device(runtime.device)
     if runtime.backend == "hf":
         return "hf"
+    if runtime.backend == "unsloth" and gpus > 1:
+        raise RuntimeError(f"runtime.backend=unsloth with gpus={gpus}: {UNSLOTH_MULTI_GPU}")
     if runtime.backend == "unsloth":
         if device != "cuda":
             raise RuntimeError(
@@ -68,7 +72,7 @@ def resolve_backend(runtime: Any, device: str | None = None) -> str:
                 "(pip install -e '.[gpu]') or set runtime.backend to 'auto' or 'hf'"
             )
         return "unsloth"
-    return "unsloth" if device == "cuda" and unsloth_installed() else "hf"
+    return "unsloth" if device == "cuda" and gpus == 1 and unsloth_installed() else "hf"
 
 
 def key_inputs_for(section: Any, runtime: Any, store_root: Path) -> dict[str, Any]:
@@ -80,7 +84,7 @@ def key_inputs_for(section: Any, runtime: Any, store_root: Path) -> dict[str, An
     device = resolve_device(runtime.device)
     return {
         "device": device,
-        "backend": resolve_backend(runtime, device),
+        "backend": resolve_backend(runtime, device, section.gpus),
         "model": model_fingerprint(
             section.model.name, ArtifactStore(store_root), section.model.revision, "model.revision"
         ),
@@ -140,12 +144,15 @@ class Runtime:
     compile_cache: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def decide(cls, runtime_cfg: Any, model_cfg: Any, state_dir: Path | None = None) -> Runtime:
-        """Everything hardware-dependent, decided once from the runtime section and the model section."""
+    def decide(
+        cls, runtime_cfg: Any, model_cfg: Any, state_dir: Path | None = None, gpus: int = 1
+    ) -> Runtime:
+        """Everything hardware-dependent, decided once from the runtime section and the model section
+        (``gpus``: the node's, which rules out Unsloth above one)."""
         device = resolve_device(runtime_cfg.device)
         if device == "cuda" and not cuda_available():
             raise RuntimeError("runtime.device=cuda but torch sees no CUDA device")
-        backend = resolve_backend(runtime_cfg, device)
+        backend = resolve_backend(runtime_cfg, device, max(gpus, world_size()))
         caches = set_compile_cache(state_dir)
         if backend == "unsloth":
             set_unsloth_compile(runtime_cfg.unsloth_compile)
@@ -237,9 +244,9 @@ class Runtime:
 
         tokenizer = load_tokenizer(section.model.name, store, section.model.revision)
         kwargs: dict[str, Any] = {"dtype": self.dtype, "attn_implementation": self.attn_implementation}
-        if self.load_in_4bit:
+        if self.load_in_4bit:  # placed by bitsandbytes on this rank's GPU (the Trainer cannot move it)
             kwargs["quantization_config"] = bnb_config(self.dtype)
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": local_rank()}
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         if self.load_in_4bit:
             model = prepare_model_for_kbit_training(
@@ -299,7 +306,7 @@ class Runtime:
         free_memory()
         kwargs: dict[str, Any] = {"dtype": merged_dtype}
         if self.device == "cuda":
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = {"": local_rank()}
         base = AutoModelForCausalLM.from_pretrained(loaded.model_path, **kwargs)
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         if stop_ids:
@@ -353,11 +360,27 @@ def dtype_name(dtype: Any) -> str:
 
 
 def bnb_config(compute_dtype: Any) -> Any:
-    """NF4 with double quantization, computing in the training dtype (bf16 on recent GPUs)."""
+    """NF4 with double quantization, computing in the training dtype (bf16 on recent GPUs). The packed
+    4-bit weights are stored in that dtype too (``bnb_4bit_quant_storage``): FSDP needs every parameter of
+    one dtype to shard them; the values, and DDP or one GPU, are unaffected."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)  # fmt: skip
+
+
+def world_size() -> int:
+    """How many torchrun processes share this node (1 outside torchrun)."""
+    from dagtune.training.ddp import world
+
+    return world().world_size
+
+
+def local_rank() -> int:
+    """This process's GPU among those the node was given (CUDA_VISIBLE_DEVICES): torchrun's LOCAL_RANK."""
+    from dagtune.training.ddp import world
+
+    return world().local_rank
 
 
 def linear_module_names(model: Any) -> list[str]:

@@ -321,7 +321,7 @@ def test_unsloth_path_with_stand_in(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "unsloth.chat_templates", fake.chat_templates)
     from dagtune import runtime as R
 
-    monkeypatch.setattr(R, "resolve_backend", lambda runtime, device=None: "unsloth")
+    monkeypatch.setattr(R, "resolve_backend", lambda runtime, device=None, gpus=1: "unsloth")
     sec = tiny_section("train_function_calling", **{**SHORT, "optim": {"max_steps": 2}})
     m = sft.build_function_calling(make_ctx(tmp_path, "train_function_calling", sec))
     assert m["backend"] == "unsloth" and m["steps"] == 2

@@ -55,11 +55,17 @@ def split_by_tokens(group: list[int], lengths: list[int], k: int) -> list[list[i
 
 
 def pack_plan(
-    lengths: list[int], examples_per_step: int, token_cap: int, seed: int, total_steps: int
+    lengths: list[int],
+    examples_per_step: int,
+    token_cap: int,
+    seed: int,
+    total_steps: int,
+    multiple_of: int = 1,
 ) -> tuple[list[list[int]], int]:
     """(micro-batches in training order, micro-batches per step). Every step has the same count (the
     Trainer's gradient accumulation): the smallest that keeps every micro-batch of every step within
-    ``token_cap`` tokens (raised to the longest example if that is longer)."""
+    ``token_cap`` tokens (raised to the longest example if that is longer), rounded up to a multiple of
+    ``multiple_of`` (the data-parallel world size: each rank takes an equal share of the step)."""
     cap = max(token_cap, max(lengths))
     groups = step_groups(len(lengths), examples_per_step, seed, total_steps)
 
@@ -72,6 +78,7 @@ def pack_plan(
         while k < len(g) and not fits(g, k):
             k += 1
         accum = max(accum, k)
+    accum = -(-accum // multiple_of) * multiple_of
     micro = [b for g in groups for b in split_by_tokens(g, lengths, accum)]
     return micro, accum
 

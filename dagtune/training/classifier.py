@@ -40,6 +40,7 @@ from dagtune.models.classifier import (  # noqa: F401  (the artifact's model and
 )
 from dagtune.runtime import Runtime, count_parameters, dtype_name, key_inputs_for
 from dagtune.training import common as C
+from dagtune.training import ddp
 
 TRAINABLE_FILE = "trainable.safetensors"
 CHECKPOINT_FILES = (TRAINABLE_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json")
@@ -115,12 +116,19 @@ def _trainer_class() -> type:
             self.model_accepts_loss_kwargs = True  # the step's normaliser comes from _get_num_items_in_batch
 
         def _get_num_items_in_batch(self, batch_samples: list, device: Any) -> Any:
-            """The step's summed class weight (its example count unweighted): each micro-batch's summed loss
-            is divided by it, so the step's loss is the weighted mean over all its examples."""
+            """The step's summed class weight (its example count unweighted) over every rank: each
+            micro-batch's summed loss is divided by it, so the step's loss is the weighted mean over all
+            its examples (what Trainer does for label tokens with average_tokens_across_devices)."""
             labels = torch.cat([b["labels"] for b in batch_samples])
-            return (
-                self.weights.to(labels.device)[labels].sum() if self.weights is not None else labels.numel()
+            w = (
+                self.weights.to(labels.device)[labels]
+                if self.weights is not None
+                else torch.ones(len(labels))
             )
+            total = w.sum().to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                total = self.accelerator.gather(total).sum()
+            return total
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             labels = inputs.pop("labels")
@@ -131,14 +139,26 @@ def _trainer_class() -> type:
                 w = self.weights.to(logits.device) if self.weights is not None else None
                 denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logits.device)
                 loss = F.cross_entropy(logits, labels, weight=w, reduction="sum") / denom.clamp_min(1e-12)
+                if self.args.average_tokens_across_devices:  # DDP averages gradients over the ranks: undo it
+                    loss = loss * self.accelerator.num_processes
             return (loss, {"logits": logits}) if return_outputs else loss
+
+        def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+            """The loss is the mean cross-entropy of the gathered logits: under DDP accelerate tops the
+            last batch up with repeated rows, which a per-batch mean loss would count (the logits it drops)."""
+            out = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            if out.predictions is not None and out.label_ids is not None and len(out.label_ids):
+                logits, labels = torch.as_tensor(out.predictions).float(), torch.as_tensor(out.label_ids)
+                out.metrics[f"{prefix}_loss"] = float(F.cross_entropy(logits, labels.long()))
+            return out
 
         def _determine_best_metric(self, metrics: dict, trial: Any) -> bool:
             """Also keep the best evaluation's trainable weights (restored after training)."""
             from safetensors.torch import save_file
 
             best = super()._determine_best_metric(metrics, trial)
-            if best:
+            if best and self.args.should_save:  # every rank holds the same weights: rank 0 writes them
                 save_file(trainable_state(self.model), str(self.best_path))
             return best
 
@@ -243,6 +263,7 @@ def _final_evaluation(ctx: Any, run: C.NodeRun) -> dict[str, Any]:
     """Restore the best evaluation's weights, evaluate them: the manifest's validation numbers."""
     es, state, model = ctx.section.early_stopping, run.trainer.state, run.trainer.model
     best_path = ctx.scratch / "best.safetensors"
+    ddp.barrier()  # rank 0 wrote the best weights; every rank evaluates them (the evaluation is collective)
     if state.best_global_step is not None and best_path.is_file():
         load_trainable(model, best_path)
     final = run.trainer.evaluate() if run.n_val else {}
@@ -291,7 +312,9 @@ def build_classifier(ctx: Any) -> dict[str, Any]:
         run = setup(ctx, rt, train_df, val_df)
         metrics = C.run_training(ctx, run, CHECKPOINT_FILES)
         metrics.update(_final_evaluation(ctx, run))
-        metrics.update(_save(ctx, run, val_df if len(val_df) else train_df))
+        if ddp.is_main():  # under torchrun the other ranks only trained and evaluated
+            metrics.update(_save(ctx, run, val_df if len(val_df) else train_df))
+        ddp.wait_for_main()
         return {**metrics, **C.node_metrics(run, t0)}
 
 

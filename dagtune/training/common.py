@@ -32,6 +32,7 @@ from typing import Any
 
 from dagtune.jsonl import read_records
 from dagtune.runtime import Loaded, Runtime, dtype_name
+from dagtune.training import ddp
 
 log = logging.getLogger("dagtune.training")
 
@@ -68,11 +69,14 @@ def training_args(
     if cls is None:
         from transformers import TrainingArguments as cls
     o = section.optim
+    world_size = ddp.world().world_size
+    # batch_size * grad_accum examples per optimizer step whatever the number of ranks (ddp.py)
+    micro, accum = ddp.per_device_batch(o.batch_size * o.grad_accum, o.batch_size, world_size)
     base: dict[str, Any] = {
         "output_dir": str(out),
-        "per_device_train_batch_size": o.batch_size,
+        "per_device_train_batch_size": micro,
         "per_device_eval_batch_size": o.batch_size,
-        "gradient_accumulation_steps": o.grad_accum,
+        "gradient_accumulation_steps": accum,
         "learning_rate": o.learning_rate,
         "lr_scheduler_type": o.scheduler,
         "warmup_steps": warmup,
@@ -93,8 +97,12 @@ def training_args(
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
         "restore_callback_states_from_checkpoint": True,
+        # the step's loss is the token-weighted mean over every rank's micro-batches (ddp.py)
+        "average_tokens_across_devices": True,
         **rt.precision_args(),
     }
+    if world_size > 1:  # every LoRA weight (and the classifier head) takes part in every forward
+        base["ddp_find_unused_parameters"] = False
     return cls(**{**base, **extra})
 
 
@@ -201,6 +209,8 @@ def log_callback(train_log: TrainLog) -> Any:
         training = False
 
         def on_train_begin(self, args, state, control, **kw):
+            if not state.is_world_process_zero:  # under torchrun only rank 0 writes the log
+                return
             train_log.rewind(state.global_step)
             if state.global_step > 0:
                 train_log.write({"event": "resume", "step": state.global_step, "time": time.time()})
@@ -211,6 +221,8 @@ def log_callback(train_log: TrainLog) -> Any:
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
+            if not state.is_world_process_zero:
+                return
             if "loss" in logs:
                 now, tokens = time.perf_counter(), state.num_input_tokens_seen
                 dt, dn = now - self.t, tokens - self.tokens
@@ -338,13 +350,20 @@ class NodeRun:
 
 
 def decide_runtime(ctx: Any) -> Runtime:
+    """The node's Runtime; under torchrun this process also joins the group on its own GPU."""
     state_dir = getattr(ctx.settings, "state_dir", None) if ctx.settings is not None else None
-    return Runtime.decide(ctx.runtime, ctx.section.model, state_dir)
+    rt = Runtime.decide(ctx.runtime, ctx.section.model, state_dir, gpus=ctx.section.gpus)
+    ddp.process_group(rt.device)
+    return rt
 
 
 def load(ctx: Any, rt: Runtime, timer: StepTimer, **kw: Any) -> tuple[Loaded, TrainLog]:
     """Base + LoRA through the runtime (timed), and the node's train log in its scratch directory."""
+    from dagtune.models import resolve_model
+
     t = time.perf_counter()
+    model = ctx.section.model  # under torchrun rank 0 builds or downloads the base model, then the others
+    ddp.main_first(lambda: resolve_model(model.name, ctx.store, model.revision))
     loaded = rt.load_lora(ctx.section, ctx.store, **kw)
     timer.phases["load_s"] = time.perf_counter() - t
     return loaded, TrainLog(ctx.scratch / TRAIN_LOG)
@@ -352,7 +371,10 @@ def load(ctx: Any, rt: Runtime, timer: StepTimer, **kw: Any) -> tuple[Loaded, Tr
 
 def run_training(ctx: Any, run: NodeRun, required: tuple[str, ...] = HF_CHECKPOINT_FILES) -> dict[str, Any]:
     """Train, resuming from the newest complete checkpoint in ctx.scratch; the metrics both kinds share."""
-    resume = last_checkpoint(run.ckpt_dir, required, remove_incomplete=True)
+    if ddp.is_main():  # one process removes incomplete checkpoints, then every rank picks the same one
+        last_checkpoint(run.ckpt_dir, required, remove_incomplete=True)
+    ddp.barrier()
+    resume = last_checkpoint(run.ckpt_dir, required)
     resumed_from = checkpoint_step(resume) if resume else 0
     ctx.log.info("%s: %d examples, %d steps (%d/epoch, warmup %d), backend %s on %s%s", ctx.name, run.n_train,
                  run.total_steps, run.steps_per_epoch, run.warmup_steps, run.rt.backend, run.rt.device,
@@ -382,6 +404,9 @@ def run_training(ctx: Any, run: NodeRun, required: tuple[str, ...] = HF_CHECKPOI
         "tokens_per_second": run.train_log.tokens_per_second,
         "train_seconds": round(float(result.metrics.get("train_runtime", 0.0)), 3),
         "train_cpu_seconds": round(time.process_time() - cpu0, 3),
+        "world_size": run.trainer.args.world_size,
+        "per_device_train_batch_size": run.trainer.args.per_device_train_batch_size,
+        "per_device_grad_accum": run.trainer.args.gradient_accumulation_steps,
     }
 
 

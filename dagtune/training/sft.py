@@ -50,6 +50,7 @@ from dagtune.runtime import (
     unsloth_module,
 )
 from dagtune.training import common as C
+from dagtune.training import ddp
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ def enable_unsloth_packing(model: Any) -> dict[str, bool]:
 
 
 def _datasets(cfg: Any, rt: Runtime, loaded: Loaded, train_rows: list, val_rows: list, total: int) -> tuple:
-    """(train, eval datasets, collator or None, gradient accumulation, stats) of the packed or unpacked path."""
+    """(train, eval datasets, collator or None, micro-batches per step over all ranks (None: the config's),
+    stats) of the packed or unpacked path."""
     from datasets import Dataset
 
     if not cfg.packing:
@@ -118,7 +120,7 @@ def _datasets(cfg: Any, rt: Runtime, loaded: Loaded, train_rows: list, val_rows:
         keep = (lambda r: {"input_ids": r["input_ids"]}) if rt.backend == "unsloth" else (lambda r: r)
         train, val = ([keep(r) for r in rows] for rows in (train_rows, val_rows))
         val_ds = Dataset.from_list(val) if val else None
-        return Dataset.from_list(train), val_ds, None, cfg.optim.grad_accum, {"packing": False}
+        return Dataset.from_list(train), val_ds, None, None, {"packing": False}
     return _packed_datasets(cfg, rt, loaded, train_rows, val_rows, total)
 
 
@@ -130,9 +132,8 @@ def _packed_datasets(
     o, tok = cfg.optim, getattr(loaded.tokenizer, "tokenizer", loaded.tokenizer)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     lengths = [len(r["input_ids"]) for r in train_rows]
-    micro, accum = pack_plan(
-        lengths, o.batch_size * o.grad_accum, cfg.packed_tokens_per_batch, cfg.seed, total
-    )
+    micro, accum = pack_plan(lengths, o.batch_size * o.grad_accum, cfg.packed_tokens_per_batch, cfg.seed,
+                             total, multiple_of=ddp.world().world_size)  # fmt: skip
     labelled = [with_labels(r) for r in train_rows]
     train_ds = Dataset.from_list([packed_row(labelled, m, pad_id) for m in micro])
     val_ds = Dataset.from_list([with_labels(r) for r in val_rows]) if val_rows else None
@@ -163,11 +164,13 @@ def build_trainer(cfg: Any, spec: SFTSpec, rt: Runtime, loaded: Loaded, train_ro
     per_epoch, total = C.plan_steps(len(train_rows), cfg.optim)
     warmup = C.warmup_steps(cfg.optim, total)
     train_ds, val_ds, collator, accum, stats = _datasets(cfg, rt, loaded, train_rows, val_rows, total)
-    # Packed: one pre-packed row per micro-batch, read in plan order; TRL must not re-tokenize it.
+    # Packed: one pre-packed row per micro-batch, read in plan order (accelerate deals them out to the
+    # ranks round-robin, an equal share of each step to each); TRL must not re-tokenize it.
     packed = {"train_sampling_strategy": "sequential", "dataset_kwargs": {"skip_prepare_dataset": True},
-              "remove_unused_columns": False, "per_device_train_batch_size": 1} if cfg.packing else {}  # fmt: skip
+              "remove_unused_columns": False, "per_device_train_batch_size": 1,
+              "gradient_accumulation_steps": accum // ddp.world().world_size} if cfg.packing else {}  # fmt: skip
     args = C.training_args(
-        cfg, rt, ckpt_dir, total, warmup, cls=SFTConfig, gradient_accumulation_steps=accum,
+        cfg, rt, ckpt_dir, total, warmup, cls=SFTConfig,
         # Unsloth does its own ("unsloth") checkpointing, set up in get_peft_model.
         gradient_checkpointing=cfg.gradient_checkpointing and rt.backend == "hf",
         max_length=cfg.model.max_seq_length, completion_only_loss=rt.backend == "hf" and not cfg.packing,
@@ -231,7 +234,9 @@ def train_sft(ctx: Any, spec: SFTSpec) -> dict[str, Any]:
         run = setup(ctx, spec, rt)
         metrics = train(ctx, run)
         stop_ids = stop_token_ids(run.loaded.tokenizer, spec.stop_tokens)
-        metrics.update(C.save_adapter(ctx, run, stop_ids), stop_token_ids=stop_ids)
+        if ddp.is_main():  # under torchrun the other ranks only trained
+            metrics.update(C.save_adapter(ctx, run, stop_ids), stop_token_ids=stop_ids)
+        ddp.wait_for_main()
         return {**metrics, **C.node_metrics(run, t0)}
 
 
