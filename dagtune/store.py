@@ -7,10 +7,12 @@ written last inside a temporary directory which is then fsynced and renamed into
 never leaves a half artifact that looks complete. On reuse every listed file is checked against the
 manifest (size always; sha256 for small files, and for large ones whenever size or mtime moved), so a
 corrupt or deleted file is never served: the artifact is moved aside with a logged reason and rebuilt.
-A file lock per key makes concurrent runs of the same config compute each key once.
+A file lock per key (flock, seen by every host mounting the root) makes concurrent runs of the same
+config compute each key once, on one machine or several.
 
-The root is a local path today; everything goes through ``ArtifactStore`` so an fsspec backend can
-replace the path operations later without touching the nodes.
+The root is a mounted path (local disk or a shared filesystem that honours flock and rename across
+hosts); docs/scaling.md lists which do, and what an object-store (fsspec URL) root would need.
+Everything goes through ``ArtifactStore``, so such a backend would not touch the nodes.
 """
 
 from __future__ import annotations
