@@ -1,10 +1,10 @@
-"""Two machines sharing one artifact store, played on this one (docs/scaling.md): a Prefect server
-(SQLite), two process workers on one pool, each with its own state dir (its own Prefect result records
-and compile cache, as on two hosts) and the same DAGTUNE_ARTIFACT_ROOT (the mount every worker shares).
-Two flow runs are created together through the API; each worker takes one (`--limit 1`). Every selected
-node is computed exactly once across both runs: the other run waits on the node's key lock in the shared
-root and reuses the artifact. `--only` keeps the runs to prepare_data and the cheapest training node
-(CI time); the lock path is the same for every node."""
+"""Two machines sharing one artifact store, played on this one (docs/scaling.md): a Prefect server (on
+Postgres, as tests/test_stack.py), two process workers on one pool, each with its own state dir (its
+own Prefect result records and compile cache, as on two hosts) and the same DAGTUNE_ARTIFACT_ROOT (the
+mount every worker shares). Two flow runs are created together through the API; each worker takes one
+(`--limit 1`). Every selected node is computed exactly once across both runs: the other run waits on
+the node's key lock in the shared root and reuses the artifact. `--only` keeps the runs to prepare_data
+and the cheapest training node (CI time); the lock path is the same for every node."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import Stack, free_port, wait_http
+from tests.stack import Stack, free_port, pg_bin, start_postgres, stop_postgres, wait_http
 from tests.test_flow import fast_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
@@ -26,11 +26,13 @@ STATUS_LINE = re.compile(r"node (\w+): (ran|cached) in ")
 
 
 def _start_prefect_server(stack: Stack) -> None:
-    # SQLite: the same "database is locked" wait as the embedded server (dagtune.runner) on a busy host
+    # Postgres, not SQLite: two workers and two flow runs writing at once on a busy 2-core host made
+    # SQLite answer "database is locked" until API calls timed out.
+    pg = start_postgres(stack)
     env = {
         **stack.env,
         "PREFECT_HOME": str(stack.root / "prefect-server"),
-        "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@{pg}/prefect",
     }
     env.pop("PREFECT_API_URL")
     port = stack.prefect_url.rsplit(":", 1)[1]
@@ -52,6 +54,7 @@ def _start_worker(stack: Stack, i: int, shared: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
+    pg_bin("initdb")  # .ci/run installs Postgres: missing, the setup is broken (FileNotFoundError)
     root = tmp_path_factory.mktemp("shared-root")
     env = {
         **os.environ,
@@ -78,6 +81,7 @@ def two_workers(tmp_path_factory):
     finally:
         s.stop_together([n for n in s.procs if n != "prefect"])  # the workers before their server
         s.stop("prefect")
+        stop_postgres(s)
 
 
 def _node_lines(stack: Stack, flow_run_id: str) -> list[str]:
