@@ -66,8 +66,9 @@ def two_workers(tmp_path_factory):
     # Nothing host-specific in the deployment's job variables: each worker's environment decides.
     for var in ("DAGTUNE_STATE_DIR", "DAGTUNE_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
-    # One GPU per "machine": the pool-wide GPU limit counts both.
-    config = fast_config(root, {"deploy": {"work_pool": POOL, "gpu_slots": 2}})
+    # One GPU per "machine": the pool-wide GPU limit counts both. Own pool and deployment name, so the
+    # test could share a Prefect server with tests/test_stack.py's deployment.
+    config = fast_config(root, {"deploy": {"name": POOL, "work_pool": POOL, "gpu_slots": 2}})
     s = Stack(root, env, config, env["PREFECT_API_URL"].removesuffix("/api"), mlflow_url="")
     shared = root / "shared-artifacts"
     try:
