@@ -4,7 +4,7 @@
     dagtune status [--config PATH] [--profile NAME] [--json]
     dagtune config validate [--config PATH] [--profile NAME]
     dagtune deploy [--config PATH] [--profile NAME] [--json]
-    dagtune worker [--config PATH] [--profile NAME] [--name NAME]
+    dagtune worker [--config PATH] [--profile NAME] [--name NAME] [--limit N]
     dagtune models [--config PATH] [--profile NAME] [--json]
     dagtune promote MODEL (--version N | --rollback) [--reason TEXT] [--config PATH] [--profile NAME]
     dagtune gc [--keep-runs N] [--dry-run] [--json] [--config PATH] [--profile NAME]
@@ -119,6 +119,12 @@ def _add_operations_commands(sub: argparse._SubParsersAction) -> None:
     wk.add_argument("--name", default=None, help="worker name (default: Prefect's)")
     wk.add_argument(
         "--healthcheck", action="store_true", help="serve the worker's /health on port 8080 (containers)"
+    )
+    wk.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="at most this many flow runs at once on this worker (default: no limit)",
     )
 
     md = _command(sub, "models", help="registered versions, aliases and promotion gate history (MLflow)")
@@ -358,7 +364,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     prepare_environment(cfg)
-    cmd = worker_command(cfg, args.name, healthcheck=args.healthcheck)
+    cmd = worker_command(cfg, args.name, healthcheck=args.healthcheck, limit=args.limit)
     # exec, not a child: a stop signal (compose, systemd, Ctrl-C) reaches the worker itself
     os.execve(cmd[0], cmd, worker_env(dict(os.environ)))
     return 0  # not reached

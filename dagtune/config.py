@@ -70,6 +70,23 @@ class ProjectConfig(Section):
     )
     seed: int = F(3407, "Global seed: the training nodes use it where their section sets no seed.", ge=0)
 
+    @field_validator("artifact_root")
+    @classmethod
+    def _a_mounted_path(cls, v: str | None) -> str | None:
+        if v is not None and is_url(v):
+            raise ValueError(URL_ROOT_REFUSED.format(v))
+        return v
+
+
+# The store needs rename and flock on a path every worker mounts; a URL would silently become a local
+# directory named "s3:" (docs/scaling.md says what an object-store root would need).
+URL_ROOT_REFUSED = "{!r} is a URL: the artifact store needs a path every worker mounts (docs/scaling.md)"
+
+
+def is_url(value: str) -> bool:
+    scheme, sep, _ = value.partition("://")
+    return bool(sep) and scheme.isascii() and scheme[:1].isalpha() and scheme.replace("+", "").isalnum()
+
 
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = F(
@@ -685,6 +702,8 @@ class PipelineConfig(Section):
     @property
     def artifact_root(self) -> Path:
         env = os.environ.get("DAGTUNE_ARTIFACT_ROOT")
+        if env and is_url(env):
+            raise ConfigError(f"DAGTUNE_ARTIFACT_ROOT: {URL_ROOT_REFUSED.format(env)}")
         if env:
             return self.resolve_path(env)
         if self.project.artifact_root:

@@ -59,11 +59,16 @@ def deployment_spec(cfg: PipelineConfig, config_path: str | None) -> dict[str, A
     }
 
 
-def worker_command(cfg: PipelineConfig, name: str | None = None, healthcheck: bool = False) -> list[str]:
-    """`prefect worker start` on the deployment's pool (its flow runs inherit this environment)."""
+def worker_command(
+    cfg: PipelineConfig, name: str | None = None, healthcheck: bool = False, limit: int | None = None
+) -> list[str]:
+    """`prefect worker start` on the deployment's pool (its flow runs inherit this environment).
+    ``limit``: at most this many flow runs at once on this worker; the others stay Scheduled for
+    another worker of the pool (one machine per run: docs/scaling.md)."""
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", cfg.deploy.work_pool]
     cmd += ["--type", cfg.deploy.work_pool_type]
     cmd += ["--name", name] if name else []
+    cmd += ["--limit", str(limit)] if limit else []
     return cmd + (["--with-healthcheck"] if healthcheck else [])
 
 

@@ -7,14 +7,17 @@ written last inside a temporary directory which is then fsynced and renamed into
 never leaves a half artifact that looks complete. On reuse every listed file is checked against the
 manifest (size always; sha256 for small files, and for large ones whenever size or mtime moved), so a
 corrupt or deleted file is never served: the artifact is moved aside with a logged reason and rebuilt.
-A file lock per key makes concurrent runs of the same config compute each key once.
+A file lock per key (flock, seen by every host mounting the root) makes concurrent runs of the same
+config compute each key once, on one machine or several.
 
-The root is a local path today; everything goes through ``ArtifactStore`` so an fsspec backend can
-replace the path operations later without touching the nodes.
+The root is a mounted path (local disk or a shared filesystem that honours flock and rename across
+hosts); docs/scaling.md lists which do, and what an object-store (fsspec URL) root would need.
+Everything goes through ``ArtifactStore``, so such a backend would not touch the nodes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from dagtune.redact import redact
 
@@ -239,10 +242,36 @@ class ArtifactStore:
     # -- writing ------------------------------------------------------------------------------
     @contextmanager
     def lock(self, node: str, key: str, timeout: float = -1) -> Iterator[None]:
-        lp = self.lock_path(node, key)
-        lp.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(lp), timeout=timeout):
+        lock = self._acquire(self.lock_path(node, key), timeout)
+        try:
             yield
+        finally:
+            lock.release()
+
+    def _acquire(self, path: Path, timeout: float) -> FileLock:
+        """Take the flock(2) lock on ``path``, which every host mounting the root sees (docs/scaling.md).
+        No soft-lock fallback: its marker file would outlive a crashed holder and block the key."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=timeout, fallback_to_soft=False)
+        try:
+            lock.acquire()
+        except OSError as e:  # filelock's Timeout is an OSError too, without an errno
+            if e.errno == errno.ENOSYS:
+                raise ArtifactError(
+                    f"artifact root {self.root}: its filesystem has no flock(2) locks, which the store "
+                    "needs so that runs sharing it compute each key once (docs/scaling.md)"
+                ) from e
+            raise
+        return lock
+
+    def _key_unlocked(self, node_key: str) -> bool:
+        """Nobody, on any host sharing the root, holds the lock of ``<node>-<key>`` right now."""
+        try:
+            lock = self._acquire(self.root / ".locks" / f"{node_key}.lock", timeout=0)
+        except Timeout:
+            return False
+        lock.release()
+        return True
 
     def tmp_dir(self, node: str, key: str) -> Path:
         # The owner's pid in the name lets clean_tmp remove what a killed run left, and only that.
@@ -339,8 +368,11 @@ class ArtifactStore:
 
     def clean_tmp(self, older_than_s: float = 24 * 3600) -> list[str]:
         """Remove what killed runs left in ``.tmp``: build dirs whose owner process is gone (its pid
-        is in the name), and anything else there (moved-aside damaged artifacts, older names) once
-        older than ``older_than_s``. Returns the names removed."""
+        is in the name) and whose key lock is free, and anything else there (moved-aside damaged
+        artifacts, older names) once older than ``older_than_s``. Returns the names removed.
+
+        The lock check is what makes this safe on a root shared by several hosts: a pid is only
+        meaningful on its own host, while a build anywhere holds its key's lock until it commits."""
         d = self.root / ".tmp"
         if not d.is_dir():
             return []
@@ -348,7 +380,10 @@ class ArtifactStore:
         for p in d.iterdir():
             owner = _owner_pid(p.name)
             try:
-                stale = not _alive(owner) if owner else now - p.lstat().st_mtime > older_than_s
+                if owner:
+                    stale = not _alive(owner) and self._key_unlocked(p.name.rsplit("-", 2)[0])
+                else:
+                    stale = now - p.lstat().st_mtime > older_than_s
             except OSError:
                 continue
             if stale:

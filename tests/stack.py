@@ -77,15 +77,19 @@ class Stack:
         return p
 
     def stop(self, name: str) -> None:
-        p = self.procs.pop(name, None)
-        if p is None or p.poll() is not None:
-            return
-        os.killpg(p.pid, 15)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
-            p.wait()
+        self.stop_together([name])
+
+    def stop_together(self, names: list[str]) -> None:
+        """SIGTERM to all of them first, then wait for each: their shutdowns overlap (test time)."""
+        procs = [p for p in (self.procs.pop(n, None) for n in names) if p is not None and p.poll() is None]
+        for p in procs:
+            os.killpg(p.pid, 15)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -93,6 +93,19 @@ def test_env_overrides_paths_and_tracking_uri(tmp_path, monkeypatch):
     assert load_config().tracking_uri == f"sqlite:///{tmp_path / 's' / 'mlflow.db'}"
 
 
+def test_a_url_artifact_root_is_refused_by_name(tmp_path, monkeypatch):
+    """The store works on a mounted path only: s3://... would otherwise become a local dir "s3:"."""
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["project"]["artifact_root"] = "s3://bucket/dagtune"
+    with pytest.raises(ConfigError, match=r"project\.artifact_root.*is a URL"):
+        load_config(_write(tmp_path, raw))
+    monkeypatch.setenv("DAGTUNE_ARTIFACT_ROOT", "gs://bucket/dagtune")
+    with pytest.raises(ConfigError, match="DAGTUNE_ARTIFACT_ROOT: 'gs://bucket/dagtune' is a URL"):
+        load_config().artifact_root  # noqa: B018 - the property raises
+    monkeypatch.setenv("DAGTUNE_ARTIFACT_ROOT", str(tmp_path / "a:b"))  # a colon alone is a path
+    assert load_config().artifact_root == tmp_path / "a:b"
+
+
 def test_cli_invalid_config_exits_2(tmp_path):
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["evaluate"]["batch_size"] = 0

@@ -272,4 +272,5 @@ def test_deployment_spec_takes_cron_timezone_pool_and_the_cli_profile(tmp_path, 
         "process",
         "--with-healthcheck",
     ]
+    assert worker_command(cfg, name="gpu-host-1", limit=1)[-4:] == ["--name", "gpu-host-1", "--limit", "1"]
     assert worker_env({"PREFECT_LOGGING_EXTRA_LOGGERS": "x"})["PREFECT_LOGGING_EXTRA_LOGGERS"] == "x,dagtune"

@@ -147,3 +147,53 @@ def test_sigkill_while_writing_leaves_no_manifest_and_rerun_succeeds(tmp_path):
     assert ran and seen["checkpoint"] == "step 5"
     assert json.loads((art.dir / MANIFEST).read_text())["key"] == key
     assert not (root / ".scratch" / f"n-{key}").exists()
+
+
+_HOLD_KEY_LOCK = """
+import sys, time
+from dagtune.store import ArtifactStore
+with ArtifactStore(sys.argv[1]).lock("n", "k1"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_clean_tmp_keeps_a_build_whose_key_lock_another_host_holds(tmp_path):
+    """On a root shared by several hosts, a build dir's pid means nothing here (another host's build,
+    or a pid that is free on this one): its key lock, held by the builder, is what keeps it."""
+    import subprocess
+    import sys
+
+    store = ArtifactStore(tmp_path)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    building = tmp_path / ".tmp" / f"n-k1-p{int(gone.stdout)}-abcd1234"  # "another host's" pid
+    building.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_KEY_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert store.clean_tmp() == [] and building.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.clean_tmp() == [building.name] and not building.exists()
+
+
+def test_a_root_without_flock_is_refused_by_name(tmp_path, monkeypatch):
+    """No silent soft-lock fallback on a filesystem without flock(2) (some network mounts)."""
+    import errno
+    import fcntl
+
+    import pytest
+
+    from dagtune.store import ArtifactError
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(ArtifactError, match=f"artifact root {tmp_path}: its filesystem has no flock"):
+        ArtifactStore(tmp_path).build("n", {"a": 1}, _write_two)
