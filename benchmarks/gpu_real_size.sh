@@ -15,8 +15,10 @@
 #   pipeline  pipeline_real_size.py --cold (or --warm with WARM=1) at the nightly size
 #             (FC/EXTRACTOR/CLASSIFIER/EVAL, defaults 4000/8000/4000/512), STEPS_CAP if set; it gets
 #             what is left of $BUDGET seconds (SIGINT first, so the JSON of finished runs stays).
+#   ddp       the classifier node on 1 then 2 GPUs (hf backend, same global batch; DDP_STEPS steps);
 #   gpu_tests the GPU tests (pytest -m gpu; GPU_TESTS = the files), under what is left of $BUDGET.
 # Knobs (env): STAGES="build gen pipeline" BUDGET=585 T_GEN=120 GEN_N=512 GEN_SEQ=16 STEPS_CAP= WARM=
+#   PIPE_LIMIT= (seconds: the pipeline stage's own cap, to leave time for later stages)
 #   PIPE_OVERRIDE= (JSON deep-merged into the pipeline stage's config, e.g. {"runtime": {"gpus": 2}})
 set -uo pipefail
 OUT=${OUT:-$PWD/benchmarks/results/gpu_real_size}
@@ -78,8 +80,25 @@ for s in $STAGES; do
       >"$OUT/gpu_tests.log" 2>&1
     grep -aE "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -30 | tee -a "$OUT/real_size.log"
     ;;
+  ddp)
+    # Data parallel inside the classifier node (hf backend, NF4): the same global batch of 32 on 1 and
+    # on 2 GPUs, DDP_STEPS steps each, through the flow (--only prepare_data train_classifier).
+    for g in 1 2; do
+      lim=$(($(left) - 5))
+      [ "$lim" -lt 60 ] && { stamp "ddp gpus=$g skipped: ${lim}s left"; continue; }
+      stamp "ddp classifier gpus=$g (limit ${lim}s)"
+      timeout -s INT -k 30 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
+        --fc 64 --extractor 64 --classifier "$CLASSIFIER" --eval 16 "${TOKS[@]}" --steps-cap "${DDP_STEPS:-40}" \
+        --only prepare_data train_classifier \
+        --override "{\"runtime\": {\"backend\": \"hf\"}, \"train_classifier\": {\"gpus\": $g}}" \
+        --state-dir "${TMPDIR:-/tmp}/dagtune_ddp_state_$g" --out "$OUT/ddp_classifier_gpus$g.json" \
+        >"$OUT/ddp_classifier_gpus$g.driver.log" 2>&1
+      grep -aE "^(cold|warm):|wrote|Error" "$OUT/ddp_classifier_gpus$g.driver.log" | tee -a "$OUT/real_size.log"
+    done
+    ;;
   pipeline)
     lim=$(left)
+    [ -n "${PIPE_LIMIT:-}" ] && [ "$PIPE_LIMIT" -lt "$lim" ] && lim=$PIPE_LIMIT
     stamp "pipeline real size ${FC}/${EXTRACTOR}/${CLASSIFIER}/${EVAL} (limit ${lim}s)"
     timeout -s INT -k 60 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
       --fc "$FC" --extractor "$EXTRACTOR" --classifier "$CLASSIFIER" --eval "$EVAL" "${TOKS[@]}" \
