@@ -443,7 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--warm", dest="warm", action="store_true", help="a second run on the warm cache")
     ap.set_defaults(warm=False)  # both flags share the dest: without this --cold's False-action sets True
     ap.add_argument("--override", default=None, help="JSON deep-merged into the profile last")
-    ap.add_argument("--only", nargs="+", default=None, help="dagtune run --only: these nodes (e.g. one trainer)")
+    ap.add_argument(
+        "--only", nargs="+", default=None, help="dagtune run --only: these nodes (e.g. one trainer)"
+    )
     ap.add_argument("--state-dir", default=None, help="default: a fresh dir next to --out")
     ap.add_argument("--model-root", default="/tmp/dagtune_models_real", help="where real shapes are built")
     ap.add_argument("--tokenizer-cache", default=None, help="train_throughput's prebuilt tokenizers")

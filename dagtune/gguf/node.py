@@ -141,6 +141,10 @@ def build(ctx: NodeContext) -> dict[str, Any]:
     cfg = ctx.section
     device = resolve_device(ctx.runtime.device)
     models = list(cfg.models)
+    # transformers' lazy module is not safe to import from two threads at once ("cannot import name
+    # AutoTokenizer"): import what the exports use here, before the threads start.
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     # The models side by side: conversion is a subprocess and llama.cpp's C code runs without the GIL,
     # so two exports take about the time of the longer one. llama.cpp's CPU work is most of the node
     # (the GPU nodes beside it are launch-bound), so its threads split the host, not the slot's share.
