@@ -631,6 +631,35 @@ def test_prefect_record_of_another_location_is_dropped(state_dir):
     assert not stored.exists()  # copied from another state dir: dropped, Prefect writes a fresh one
 
 
+def test_prefect_records_of_another_state_dir_are_dropped_at_start(tmp_path, monkeypatch):
+    """Issue 18 item 2: a copied state dir brings Prefect records of every key, each naming its own
+    absolute path in the original (metadata.storage_key). The run's start removes those that name
+    another location, whatever key they are for; its own and half-written ones stay."""
+    from dagtune.config import load_config
+    from dagtune.runner import drop_foreign_records, prefect_results_dir
+
+    monkeypatch.setenv("DAGTUNE_STATE_DIR", str(tmp_path / "copy"))
+    cfg = load_config(profile="tiny")
+    results = prefect_results_dir(cfg)
+
+    def record(node: str, key: str, where: Path | None) -> Path:
+        p = results / node / key / store_mod.PREFECT_RECORD
+        p.parent.mkdir(parents=True)
+        meta = {"storage_key": str(where)} if where else {}
+        p.write_text(json.dumps({"metadata": meta, "result": "{}"}))
+        return p
+
+    original = tmp_path / "state" / "prefect-results"
+    foreign = record("evaluate", "k1", original / "evaluate" / "k1" / store_mod.PREFECT_RECORD)
+    own = record("evaluate", "k2", None)
+    own.write_text(json.dumps({"metadata": {"storage_key": str(own)}, "result": "{}"}))
+    partial = record("register", "k3", None)
+    partial.write_text('{"metadata": {"stor')  # a concurrent run writing it: not ours to judge here
+    assert drop_foreign_records(cfg) == ["evaluate/k1/prefect-result"]
+    assert not foreign.exists() and own.exists() and partial.exists()
+    assert drop_foreign_records(cfg) == []
+
+
 def test_register_key_moves_with_the_state_dir_and_ignores_passwords(tmp_path, monkeypatch):
     from dagtune.config import load_config
     from dagtune.pipeline import plan
