@@ -290,8 +290,10 @@ class ArtifactStore:
         inputs: dict[str, Any],
         metrics: dict[str, Any],
         started: float,
+        extra: dict[str, Any] | None = None,
     ) -> Artifact:
-        """Hash the files, write the manifest last, then rename the temp dir into place."""
+        """Hash the files, write the manifest last, then rename the temp dir into place. ``extra``: the
+        node's own top-level manifest fields (``MANIFEST_FIELDS``), not part of the key."""
         files = []
         for p in sorted(tmp.rglob("*")):
             if p.is_symlink():
@@ -324,6 +326,7 @@ class ArtifactStore:
                 "seconds": round(time.time() - started, 3),
             },
             "host": platform.node(),
+            **(extra or {}),
         }
         manifest = redact(manifest)  # no credentials in any manifest, whatever a node put in it
         tmp_manifest = tmp / (MANIFEST + ".part")
