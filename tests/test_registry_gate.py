@@ -146,7 +146,9 @@ def test_champion_that_cannot_be_rescored_is_not_auto_promoted():
 @pytest.fixture
 def cfg(state_dir, tmp_path, tmp_path_factory, monkeypatch):
     migrated_db(state_dir / "mlflow.db", tmp_path_factory.getbasetemp())
-    c = load_config(write_config(tmp_path), "tiny")
+    # register loads models, so it runs in a child process by default (runtime.isolation): the fake
+    # llama_cpp below lives in this process only, so the node runs here (thread isolation)
+    c = load_config(write_config(tmp_path), "tiny", overrides={"runtime": {"isolation": "thread"}})
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", fake_llama_cpp())
     yield c
     mlflow.set_tracking_uri(None)
