@@ -148,7 +148,9 @@ def cfg(state_dir, tmp_path, tmp_path_factory, monkeypatch):
     migrated_db(state_dir / "mlflow.db", tmp_path_factory.getbasetemp())
     # register loads models, so it runs in a child process by default (runtime.isolation): the fake
     # llama_cpp below lives in this process only, so the node runs here (thread isolation)
-    c = load_config(write_config(tmp_path), "tiny", overrides={"runtime": {"isolation": "thread"}})
+    c = load_config(
+        write_config(tmp_path), "tiny", overrides={"runtime": {"isolation": "thread", "nodes_per_device": 1}}
+    )
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", fake_llama_cpp())
     yield c
     mlflow.set_tracking_uri(None)
