@@ -71,8 +71,6 @@ def cache_record_key(
 def _record_is_local(stored: Path) -> bool:
     """Prefect writes its record's own absolute path into it (metadata.storage_key) and writes there
     again on a cache hit: a record copied with a moved state dir would recreate the old location."""
-    import json
-
     try:
         meta = json.loads(stored.read_bytes()).get("metadata") or {}
     except FileNotFoundError:
@@ -80,7 +78,35 @@ def _record_is_local(stored: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     where = meta.get("storage_key")
-    return where is None or Path(where) == stored.resolve()
+    return where is None or Path(where).resolve() == stored.resolve()
+
+
+def _record_names_elsewhere(stored: Path) -> bool:
+    """A complete record whose storage_key is another location (it came with a copied or moved state
+    dir). One that does not parse is left alone here: a concurrent run may be writing it, and
+    ``cache_record_key`` checks it again before Prefect may use it."""
+    try:
+        meta = json.loads(stored.read_bytes()).get("metadata") or {}
+        where = meta.get("storage_key")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(where, str) and Path(where).resolve() != stored.resolve()
+
+
+def drop_foreign_records(cfg: PipelineConfig) -> list[str]:
+    """Remove Prefect records that name another state dir: those of keys this run uses are replaced
+    anyway (``cache_record_key``), but records of every other key (older configs, other profiles)
+    came along with a copied state dir and would still point at the original. Returns them,
+    relative to the results dir."""
+    root = prefect_results_dir(cfg)
+    dropped = []
+    for stored in sorted(root.glob(f"*/*/{PREFECT_RECORD}")):
+        if _record_names_elsewhere(stored):
+            stored.unlink(missing_ok=True)
+            dropped.append(stored.relative_to(root).as_posix())
+    if dropped:
+        log.info("prefect results: removed %d record(s) that name another state dir", len(dropped))
+    return dropped
 
 
 def prefect_results_dir(cfg: PipelineConfig) -> Path:
@@ -214,7 +240,8 @@ def failure_rows(
 
 def prepare_environment(cfg: PipelineConfig) -> None:
     """Point Prefect at the project's state dir (embedded default: ephemeral local server, SQLite under
-    <state_dir>/prefect, results in <state_dir>/prefect-results) and remove temp dirs of killed runs.
+    <state_dir>/prefect, results in <state_dir>/prefect-results), remove temp dirs of killed runs and
+    Prefect records that came from another state dir.
     Must run before Prefect is imported; an explicit PREFECT_API_URL / PREFECT_HOME in the
     environment wins."""
     state = cfg.state_dir
@@ -225,6 +252,7 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     # holds artifacts only); they hold paths relative to the artifact root.
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(prefect_results_dir(cfg))
     ArtifactStore(cfg.artifact_root).clean_tmp()
+    drop_foreign_records(cfg)
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry
     # The embedded server's first start (SQLite migrations) took over 20 s, Prefect's default wait, on

@@ -40,6 +40,9 @@ MANIFEST = "manifest.json"
 # Files up to this size are re-hashed on every reuse; larger ones (merged weights, GGUF) only when their
 # size or mtime differs from the manifest, which a copy without -p or any in-place write changes.
 ALWAYS_HASH_BYTES = 32 << 20
+# A node's metrics may carry this key: its value (a dict) becomes top-level manifest fields, recorded
+# with the artifact but not part of its key (e.g. prepare_data's resolved source paths).
+MANIFEST_FIELDS = "manifest_fields"
 log = logging.getLogger("dagtune")
 # Name of Prefect's task-cache record, kept under <state_dir>/prefect-results/<node>/<key>/ (outside
 # the artifact root); the runner hands Prefect its key only while the artifact verifies.
@@ -287,8 +290,10 @@ class ArtifactStore:
         inputs: dict[str, Any],
         metrics: dict[str, Any],
         started: float,
+        extra: dict[str, Any] | None = None,
     ) -> Artifact:
-        """Hash the files, write the manifest last, then rename the temp dir into place."""
+        """Hash the files, write the manifest last, then rename the temp dir into place. ``extra``: the
+        node's own top-level manifest fields (``MANIFEST_FIELDS``), not part of the key."""
         files = []
         for p in sorted(tmp.rglob("*")):
             if p.is_symlink():
@@ -305,6 +310,9 @@ class ArtifactStore:
                         "mtime_ns": st.st_mtime_ns,
                     }
                 )
+        clash = sorted(set(extra or {}) & _CORE_FIELDS)
+        if clash:
+            raise ArtifactError(f"node {node}: manifest fields {clash} are the store's own")
         manifest = {
             "node": node,
             "key": key,
@@ -318,6 +326,7 @@ class ArtifactStore:
                 "seconds": round(time.time() - started, 3),
             },
             "host": platform.node(),
+            **(extra or {}),
         }
         manifest = redact(manifest)  # no credentials in any manifest, whatever a node put in it
         tmp_manifest = tmp / (MANIFEST + ".part")
@@ -358,8 +367,9 @@ class ArtifactStore:
             scratch.mkdir(parents=True, exist_ok=True)
             started = time.time()
             try:
-                metrics = compute(tmp, scratch) or {}
-                art = self.commit(node, key, tmp, inputs, metrics, started)
+                metrics = dict(compute(tmp, scratch) or {})
+                extra = metrics.pop(MANIFEST_FIELDS, None)
+                art = self.commit(node, key, tmp, inputs, metrics, started, extra)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -392,6 +402,9 @@ class ArtifactStore:
         if removed:
             log.info("artifact store: removed %d temp dir(s) left by killed runs", len(removed))
         return removed
+
+
+_CORE_FIELDS = frozenset(("node", "key", "inputs", "files", "metrics", "libraries", "timings", "host"))
 
 
 def _owner_pid(name: str) -> int | None:

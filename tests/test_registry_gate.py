@@ -72,6 +72,44 @@ def test_better_than_base_first_version_passes():
     assert result.details["vs_base"]["delta"] == pytest.approx(0.4)
 
 
+def test_better_than_base_by_noise_is_not_promoted_even_as_first_version():
+    # 30 right against the base's 27, on rows that mostly disagree: the point estimate is up (+0.05)
+    # but the interval straddles 0, as the classifier's [-0.136, +0.236] against its majority baseline
+    # did when it was promoted on the point estimate
+    result = decide(Evidence(scores(range(10, 40)), scores(range(27))), GATE)
+    vs_base = result.details["vs_base"]
+    assert vs_base["ci_low"] < 0 < vs_base["delta"] < vs_base["ci_high"]
+    assert not result.passed
+    assert "does not beat its base model" in result.reasons[0]
+    assert "lower bound not above min_delta 0" in result.reasons[0] and "95% CI [" in result.reasons[0]
+
+
+def test_base_check_applies_min_delta_to_the_lower_bound():
+    # 30 vs 6 on nested rows: the lower bound (about 0.28) clears 0.25 but not 0.35
+    ev = Evidence(scores(range(30)), scores(range(6)))
+    assert decide(ev, reg.Gate.of(PromotionGate(min_delta=0.25))).passed
+    held = decide(ev, reg.Gate.of(PromotionGate(min_delta=0.35)))
+    assert not held.passed and "lower bound not above min_delta 0.35" in held.reasons[0]
+
+
+def test_classifier_against_majority_baseline_uses_the_lower_bound():
+    from dagtune.registry.gate import majority_baseline
+
+    gold = np.array([i % 2 for i in range(100)], dtype=float)
+    gate = reg.Gate.of(PromotionGate(metric="macro_f1"))
+
+    def clf(wrong: int) -> TaskScores:
+        pred = np.where(np.arange(100) < wrong, 1 - gold, gold)
+        return TaskScores("macro_f1", tuple(f"c{i}" for i in range(100)), np.stack([gold, pred], 1))
+
+    noisy, clear = clf(62), clf(30)  # macro-F1 0.38 and 0.70 against the baseline's 0.33
+    held = decide(Evidence(noisy, majority_baseline(noisy), base_kind="majority-class baseline"), gate)
+    assert held.details["vs_base"]["ci_low"] < 0 < held.details["vs_base"]["delta"]
+    assert not held.passed and "does not beat its majority-class baseline" in held.reasons[0]
+    passed = decide(Evidence(clear, majority_baseline(clear), base_kind="majority-class baseline"), gate)
+    assert passed.passed and passed.details["vs_base"]["ci_low"] > 0, passed.reasons
+
+
 def test_better_than_champion_by_noise_is_not_promoted():
     # one example of difference out of 60: the point estimate is up, the interval includes 0
     champion = scores(range(30))
@@ -108,7 +146,11 @@ def test_champion_that_cannot_be_rescored_is_not_auto_promoted():
 @pytest.fixture
 def cfg(state_dir, tmp_path, tmp_path_factory, monkeypatch):
     migrated_db(state_dir / "mlflow.db", tmp_path_factory.getbasetemp())
-    c = load_config(write_config(tmp_path), "tiny")
+    # register loads models, so it runs in a child process by default (runtime.isolation): the fake
+    # llama_cpp below lives in this process only, so the node runs here (thread isolation)
+    c = load_config(
+        write_config(tmp_path), "tiny", overrides={"runtime": {"isolation": "thread", "nodes_per_device": 1}}
+    )
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", fake_llama_cpp())
     yield c
     mlflow.set_tracking_uri(None)
@@ -201,3 +243,32 @@ def test_champion_is_rescored_under_this_runs_evaluation_config(cfg):
     # is not better than the champion's re-scored 1.0, whatever the champion's stored 0.7 said
     assert clf["gate"]["vs_champion"]["reference"] == pytest.approx(1.0), clf["gate_reasons"]
     assert (clf["gate_passed"], clf["champion"]) == (False, "1")
+
+
+def test_register_node_holds_a_classifier_not_clearly_better_than_its_baseline(cfg):
+    """Through the real register node: a first classifier version whose macro-F1 is above the
+    majority-class baseline's only by noise (interval straddling 0) is registered, not promoted, and
+    the interval is in MLflow, registered.json and the CLI lines; a clearly better one is promoted."""
+    store = ArtifactStore(cfg.artifact_root)
+    tr = tracker_for(cfg)
+
+    art, out = register(cfg, build_artifacts(store, variant="q", clf_f1=0.38))
+    clf = out["classifier"]
+    assert (clf["version"], clf["created"], clf["gate_passed"], clf["champion"]) == ("1", True, False, None)
+    vs_base = clf["gate"]["vs_base"]
+    assert vs_base["ci_low"] < 0 < vs_base["delta"] < vs_base["ci_high"], vs_base
+    v1 = tr.client.get_model_version("clf", "1")
+    assert v1.tags["dagtune.gate_passed"] == "false"
+    assert json.loads(v1.tags["dagtune.gate"])["vs_base"]["ci_low"] == pytest.approx(vs_base["ci_low"])
+    assert "does not beat its majority-class baseline" in v1.description
+    assert "lower bound not above min_delta 0" in v1.description
+    assert reg.alias_version(tr, "clf", reg.CHAMPION) is None
+    text = "\n".join(registry_lines(registry_block(art.path)))
+    assert "clf v1 (new version): gate failed; champion vNone, challenger v1" in text
+    assert "95% CI [" in text and "lower bound not above min_delta 0" in text
+
+    art, out = register(cfg, build_artifacts(store, variant="r", clf_f1=0.7))
+    clf = out["classifier"]
+    assert (clf["version"], clf["gate_passed"], clf["champion"]) == ("2", True, "2"), clf["gate_reasons"]
+    assert clf["gate"]["vs_base"]["ci_low"] > 0
+    assert "lower bound above min_delta 0" in clf["gate_reasons"][0]

@@ -439,6 +439,50 @@ def test_uploads_take_only_regular_files_listed_in_the_manifest(tmp_path):
     assert [p.name for p in report_files(art.dir)] == [MANIFEST, "report.md", "stats.json"]
 
 
+def test_symlinked_data_path_is_read_resolved_and_recorded_in_the_manifest(root, tmp_path):  # noqa: F811
+    """Issue 18 item 16: a data path the user names (relative to the config, through a symlinked
+    folder and a symlinked file) is resolved once, read there and recorded resolved in the manifest,
+    outside the key's inputs (the key holds the content hash) and outside the artifact's files."""
+    from dagtune.pipeline import plan, run_node
+    from tests.test_data import SMALL, make_cfg
+
+    def eq_csv(path: Path, n: int) -> Path:
+        rows = [f"Tom has {i} + 1 = {i + 1} cars.,{i}+1={i + 1},correct\n" for i in range(n)]
+        path.write_text("line,eqn,type\n" + "".join(rows))
+        return path
+
+    first, second = eq_csv(tmp_path / "v1.csv", 80), eq_csv(tmp_path / "v2.csv", 90)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "eq.csv").symlink_to(first)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "data").symlink_to(tmp_path / "real", target_is_directory=True)
+    cfg = make_cfg(
+        function_calling=SMALL,
+        classifier=SMALL,
+        extractor={"source": {"kind": "file", "path": "data/eq.csv"}},
+    ).model_copy(update={"config_dir": str(tmp_path / "conf")})
+
+    art, res = run_node("prepare_data", cfg, {})
+    manifest = art.manifest()
+    assert manifest["sources_resolved"] == {"extractor": {"source": str(first.resolve())}}
+    assert str(first.resolve()) not in json.dumps(manifest["inputs"])  # the key holds the content hash
+    assert "sha256" in manifest["inputs"]["extra"]["sources"]["extractor"]["file"]
+    assert "sources_resolved" not in manifest["metrics"]
+    for f in manifest["files"]:  # no path of this machine in the artifact's own files
+        assert str(tmp_path) not in (art.dir / f["path"]).read_bytes().decode("utf-8", "replace")
+    stats = json.loads((art.dir / "stats.json").read_text())["tasks"]["extractor"]
+    assert stats["source"]["name"] == "data/eq.csv" and stats["input"]["rows_read"] == 80
+
+    # the link now points at other bytes: a new key, read from (and recorded as) the new target
+    (tmp_path / "real" / "eq.csv").unlink()
+    (tmp_path / "real" / "eq.csv").symlink_to(second)
+    assert plan(cfg)["prepare_data"]["key"] != res.key
+    art2, res2 = run_node("prepare_data", cfg, {})
+    assert res2.status == "ran"
+    assert art2.manifest()["sources_resolved"] == {"extractor": {"source": str(second.resolve())}}
+    assert json.loads((art2.dir / "stats.json").read_text())["tasks"]["extractor"]["input"]["rows_read"] == 90
+
+
 def test_clean_tmp_removes_dirs_of_dead_owners_only(tmp_path):
     import subprocess
     import sys
@@ -585,6 +629,35 @@ def test_prefect_record_of_another_location_is_dropped(state_dir):
     stored.write_text(json.dumps({"metadata": {"storage_key": "/elsewhere/state/prefect-results/x"}}))
     cache_record_key("prepare_data", cfg, {}, [])
     assert not stored.exists()  # copied from another state dir: dropped, Prefect writes a fresh one
+
+
+def test_prefect_records_of_another_state_dir_are_dropped_at_start(tmp_path, monkeypatch):
+    """Issue 18 item 2: a copied state dir brings Prefect records of every key, each naming its own
+    absolute path in the original (metadata.storage_key). The run's start removes those that name
+    another location, whatever key they are for; its own and half-written ones stay."""
+    from dagtune.config import load_config
+    from dagtune.runner import drop_foreign_records, prefect_results_dir
+
+    monkeypatch.setenv("DAGTUNE_STATE_DIR", str(tmp_path / "copy"))
+    cfg = load_config(profile="tiny")
+    results = prefect_results_dir(cfg)
+
+    def record(node: str, key: str, where: Path | None) -> Path:
+        p = results / node / key / store_mod.PREFECT_RECORD
+        p.parent.mkdir(parents=True)
+        meta = {"storage_key": str(where)} if where else {}
+        p.write_text(json.dumps({"metadata": meta, "result": "{}"}))
+        return p
+
+    original = tmp_path / "state" / "prefect-results"
+    foreign = record("evaluate", "k1", original / "evaluate" / "k1" / store_mod.PREFECT_RECORD)
+    own = record("evaluate", "k2", None)
+    own.write_text(json.dumps({"metadata": {"storage_key": str(own)}, "result": "{}"}))
+    partial = record("register", "k3", None)
+    partial.write_text('{"metadata": {"stor')  # a concurrent run writing it: not ours to judge here
+    assert drop_foreign_records(cfg) == ["evaluate/k1/prefect-result"]
+    assert not foreign.exists() and own.exists() and partial.exists()
+    assert drop_foreign_records(cfg) == []
 
 
 def test_register_key_moves_with_the_state_dir_and_ignores_passwords(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ class SourceRows:
     columns: list[str]
     rows_read: int  # every record seen, including lines that could not be parsed
     bad: BadRowLog = field(repr=False)  # problems found while reading; the loaders add theirs
+    resolved: str | None = None  # the local file or folder actually read (symlinks followed); None: hub
 
 
 def row_id(rec: dict[str, Any], name: str, line: int, *keys: str) -> str:
@@ -43,8 +44,10 @@ def row_id(rec: dict[str, Any], name: str, line: int, *keys: str) -> str:
 
 
 def resolve(path: str, config_dir: Path) -> Path:
+    """A path the user named, made absolute against the config's folder with every symlink followed:
+    the file that is read is the one the manifest records (``SourceRows.resolved``)."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() else (config_dir / p)
+    return (p if p.is_absolute() else config_dir / p).resolve()
 
 
 def read_text(path: Path) -> str:
@@ -249,7 +252,7 @@ def read_file(path_str: str, config_dir: Path, bad: BadRowLog, max_chars: int = 
         columns = sorted({k for r in rows for k in r.record})
     if seen == 0:
         raise DataError(f"{path}: empty dataset (no rows)")
-    return SourceRows(path_str, rows, columns, seen, bad)
+    return SourceRows(path_str, rows, columns, seen, bad, resolved=str(path))
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -273,6 +276,7 @@ def read_hf(
 
     local = resolve(hf_id, config_dir)
     name = f"{hf_id}[{split}]"
+    read_from = str(local) if local.is_dir() else None  # a local dataset folder, else the hub
     try:
         if is_saved_dataset(local):
             ds = datasets.load_from_disk(str(local))
@@ -298,7 +302,7 @@ def read_hf(
         raise DataError(f"{name}: empty dataset (no rows)")
     rows = [RawRow(i, clean_value(r)) for i, r in enumerate(records, start=1)]
     rows = drop_long_rows(rows, bad, max_chars)
-    return SourceRows(name, rows, list(ds.column_names), len(records), bad)
+    return SourceRows(name, rows, list(ds.column_names), len(records), bad, resolved=read_from)
 
 
 def read_rows(source: Any, config_dir: Path, task: str, max_chars: int = MAX_ROW_CHARS) -> SourceRows:

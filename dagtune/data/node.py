@@ -14,13 +14,14 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dagtune.data.errors import BadRowLog, DataError, bad_row_summary, log, write_bad_rows
 from dagtune.data.io import MAX_ROW_CHARS, read_rows, resolve
 from dagtune.data.tools import ToolCatalog, load_catalog
+from dagtune.store import MANIFEST_FIELDS
 
 TASKS = ("function_calling", "extractor", "classifier")
 TASK_FORMATS = {
@@ -46,6 +47,8 @@ class LoadedTask:
     fmt: str
     rows_read: int
     bad: BadRowLog
+    # The user-named paths read, resolved once (symlinks followed): {"source": ..., "catalog": ...}.
+    resolved: dict[str, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,12 +97,15 @@ def load_task(
         src.bad.check_fraction(src.rows_read, 0.0)
     fmt = detect_format(task, src.columns, tcfg.source.format, src.name)
     catalog = None
+    resolved = {"source": src.resolved} if src.resolved else {}
     if fmt == "mobile_actions":
         examples, catalog = fc.load_mobile_actions(src, tcfg.schema_mismatch)
     elif fmt == "flat":
         if not tcfg.source.catalog:
             raise DataError(f"{src.name}: format flat needs source.catalog (the tool schemas)")
-        catalog = load_catalog(resolve(tcfg.source.catalog, config_dir))
+        catalog_path = resolve(tcfg.source.catalog, config_dir)
+        resolved["catalog"] = str(catalog_path)
+        catalog = load_catalog(catalog_path)
         examples = fc.load_flat(src, catalog, tcfg.schema_mismatch)
     elif fmt == "eqn_csv":
         examples = math_tasks.load_eqn_rows(src)
@@ -107,7 +113,7 @@ def load_task(
         examples = math_tasks.load_pairs_rows(src)
     else:
         examples = math_tasks.load_labeled_rows(src)
-    return LoadedTask(examples, catalog, src.name, fmt, src.rows_read, src.bad)
+    return LoadedTask(examples, catalog, src.name, fmt, src.rows_read, src.bad, resolved)
 
 
 def make_ids_unique(examples: list[dict[str, Any]]) -> None:
@@ -255,7 +261,7 @@ def flat_metrics(stats: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def build(ctx: Any) -> dict[str, int]:
+def build(ctx: Any) -> dict[str, Any]:
     """Read, validate, split, dedupe and render all three tasks into ctx.out; return counts."""
     from dagtune.data.report import summary_markdown
 
@@ -301,7 +307,14 @@ def build(ctx: Any) -> dict[str, int]:
     write_bad_rows(ctx.out / "bad_rows.jsonl", [p.loaded.bad for p in prepared.values()])
     (ctx.out / "stats.json").write_text(json.dumps(stats, ensure_ascii=False, indent=2), encoding="utf-8")
     (ctx.out / "summary.md").write_text(summary_markdown(stats), encoding="utf-8")
-    return flat_metrics(stats)
+    return {**flat_metrics(stats), MANIFEST_FIELDS: {"sources_resolved": sources_resolved(prepared)}}
+
+
+def sources_resolved(prepared: dict[str, SplitTask]) -> dict[str, dict[str, str]]:
+    """{task: {"source": path, "catalog": path}}: the files read, as resolved when read. Recorded in the
+    manifest beside the key, not in it (the key holds their content hashes, so it stays the same when
+    the data moves) and not in an artifact file (the dataset digest does not depend on paths either)."""
+    return {task: p.loaded.resolved for task, p in prepared.items() if p.loaded.resolved}
 
 
 def file_digest(path: Path) -> dict[str, str]:

@@ -2,9 +2,10 @@
 
 A challenger is promoted only when
 
-1. it beats its own base on the headline metric (the first version too: a fine-tune worse than its
-   base is registered but never promoted); the classifier, whose base has no trained head, is compared
-   with the majority-class baseline on the same rows;
+1. it beats its own base on the headline metric: the lower bound of the 95% paired-bootstrap interval
+   of the improvement (challenger - base) is above ``min_delta``, for the first version too (a
+   fine-tune not clearly better than its base is registered but never promoted); the classifier, whose
+   base has no trained head, is compared with the majority-class baseline on the same rows;
 2. there is no champion yet, or the champion was scored on the *same test rows under the same
    evaluation config* (``dagtune.registry.rescore``) and the lower bound of the 95% paired-bootstrap
    interval of the improvement (challenger - champion) is above ``min_delta``;
@@ -202,13 +203,19 @@ def _fmt(c: Mapping[str, float]) -> str:
     return f"{c['delta']:+.4f} (95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}], n={c['n']})"
 
 
-def _vs_base(ev: Evidence, metric: str) -> tuple[bool, str, dict[str, Any] | None]:
+def _vs_base(ev: Evidence, gate: Any) -> tuple[bool, str, dict[str, Any] | None]:
+    # The same rule as against the champion: a point estimate above the base is not enough, the
+    # interval's lower bound must clear min_delta (a CI of [-0.136, +0.236] once promoted a classifier).
     if ev.base is None:
         return False, f"no {ev.base_kind} scores on the test rows: cannot check that it beats its base", None
     c = paired_bootstrap(ev.challenger, ev.base)  # type: ignore[arg-type]
-    won = c["delta"] > _EPS
+    won = c["ci_low"] > gate.min_delta + _EPS
     verdict = "beats" if won else "does not beat"
-    text = f"{metric} {c['challenger']:.4f} {verdict} its {ev.base_kind} {c['reference']:.4f}: {_fmt(c)}"
+    rel = "above" if won else "not above"
+    text = (
+        f"{gate.metric} {c['challenger']:.4f} {verdict} its {ev.base_kind} {c['reference']:.4f}: "
+        f"{_fmt(c)}; lower bound {rel} min_delta {gate.min_delta:g}"
+    )
     return won, text, c
 
 
@@ -238,7 +245,7 @@ def decide(ev: Evidence, gate: Any) -> GateResult:
     details: dict[str, Any] = {"metric": gate.metric, "min_delta": gate.min_delta}
     if ev.challenger is None or ev.challenger.n == 0:
         return GateResult(False, [f"challenger has no per-example {gate.metric} scores"], details)
-    ok_base, why_base, details["vs_base"] = _vs_base(ev, gate.metric)
+    ok_base, why_base, details["vs_base"] = _vs_base(ev, gate)
     reasons = [why_base]
     if ev.champion_version is None:
         reasons.append("no champion yet")
