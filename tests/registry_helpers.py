@@ -299,10 +299,15 @@ def write_config(tmp_path: Path, names: tuple[str, str] = ("fc", "clf")) -> Path
             "extractor": None,  # not registered in these tests (partial mappings merge into the defaults)
         },
     }
+    # register loads models, so it runs in a child process by default; these tests' stand-in llama_cpp
+    # (fake_llama_cpp) lives in the test's process only, so the node runs in it (thread isolation).
+    in_process = {"profiles": {"tiny": {"runtime": {"isolation": "thread", "nodes_per_device": 1}}}}
     path = tmp_path / "pipeline_config.yaml"
     # sort_keys=False: register.models keeps its order (function_calling registers first)
     path.write_text(
-        yaml.safe_dump(deep_merge(raw, {"register": register}), allow_unicode=True, sort_keys=False)
+        yaml.safe_dump(
+            deep_merge(raw, {"register": register, **in_process}), allow_unicode=True, sort_keys=False
+        )
     )
     return path
 
