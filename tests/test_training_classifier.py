@@ -10,7 +10,15 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_common import make_ctx, prepared_data, shared_store, tiny_section, tokenizer
+from test_training_common import (
+    make_ctx,
+    prepared_data,
+    progress_lines,
+    progress_steps,
+    shared_store,
+    tiny_section,
+    tokenizer,
+)
 
 from dagtune.training import classifier as K
 
@@ -85,8 +93,11 @@ def _head(out):
 
 def test_train_classifier_artifact_and_loader(tmp_path):
     sec = tiny_section("train_classifier", **FAST, class_weights="balanced")
-    m = K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+    with progress_lines() as lines:
+        m = K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
     out = tmp_path / "out"
+    # The progress line: 8 planned steps, a tenth rounds up to one step: a line at each, in order.
+    assert progress_steps(lines, "train_classifier") == [(i, 8, "") for i in range(1, 9)]
     for f in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", K.HEAD_FILE, K.CONFIG_FILE,
               "tokenizer/tokenizer.json", "merged/model.safetensors", "train_log.jsonl", K.REFERENCE_FILE):  # fmt: skip
         assert (out / f).is_file(), f
@@ -143,8 +154,13 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
         checkpoint_every=100,
         save_merged=False,
     )
-    m = K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+    with progress_lines() as lines:
+        m = K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
     assert m["stopped_early"] and m["best_step"] == 2
+    # N is the planned maximum; the last line is the step it stopped at, and says so.
+    steps = progress_steps(lines, "train_classifier")
+    assert [s for s, _, _ in steps] == [3, 6, 6] and {n for _, n, _ in steps} == {30}
+    assert steps[-1][2].startswith(", stopped early after ")
     assert m["steps"] == 6 < m["planned_steps"]  # evaluations at 2 (best), 4, 6 -> patience 2 exhausted
     assert not (tmp_path / "out" / "merged").exists()
 

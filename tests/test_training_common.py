@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,6 +191,38 @@ def make_ctx(tmp: Path, node: str, section, data: Artifact | None = None, runtim
     )
 
 
+PROGRESS_LINE = re.compile(
+    r"node (?P<node>\S+): step (?P<i>\d+)/(?P<n>\d+) \((?P<pct>\d+)%\), loss \S+, \S+ steps/s, "
+    r"ETA (\d+h\d\dm|\d+m\d\ds|\d+s)(?P<note>.*)$"
+)
+
+
+@contextmanager
+def progress_lines() -> Iterator[list[str]]:
+    """The messages of the ``dagtune.training`` logger while the block runs, at INFO (as the CLI and a
+    worker set dagtune's level)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("dagtune.training")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def progress_steps(lines: list[str], node: str) -> list[tuple[int, int, str]]:
+    """(step, planned steps, note) of each progress line of ``node``; every such line has loss, rate, ETA."""
+    mine = [line for line in lines if line.startswith(f"node {node}: step ")]
+    matches = [PROGRESS_LINE.match(line) for line in mine]
+    assert mine and all(matches), mine
+    return [(int(m["i"]), int(m["n"]), m["note"]) for m in matches if m]
+
+
 # ----------------------------------------------------------------------------------------------
 # unit tests of common.py
 # ----------------------------------------------------------------------------------------------
@@ -331,3 +367,38 @@ def test_project_seed_is_the_training_seed_unless_a_section_sets_one(tmp_path):
     assert cfg.train_function_calling.seed == cfg.train_classifier.seed == 11
     assert cfg.train_extractor.seed == 5
     assert "packing" not in type(cfg.train_classifier).model_fields, "the classifier does not pack"
+
+
+def test_format_duration():
+    assert [C.format_duration(s) for s in (0, 45.4, 72, 3599, 7500)] == ["0s", "45s", "1m12s", "59m59s", "2h05m"]
+
+
+def test_progress_every_tenth_or_30_seconds_and_at_the_last_step():
+    """The cadence and the line, on a fake clock: 0.2 s a step, one slow step of 31 s at step 60."""
+    now = [0.0]
+    progress = C.Progress("train_x", clock=lambda: now[0])
+    progress.begin(0, 250)
+    with progress_lines() as lines:
+        for step in range(1, 251):
+            now[0] += 31.0 if step == 60 else 0.2
+            progress.loss = 2.0 - step / 250
+            if progress.due(step):
+                progress.emit(step)
+        progress.end(250)
+    assert [s for s, _, _ in progress_steps(lines, "train_x")] == [25, 50, 60, *range(85, 250, 25), 250]
+    assert lines[0] == "node train_x: step 25/250 (10%), loss 1.9, 5 steps/s, ETA 45s"
+    assert lines[-1].startswith("node train_x: step 250/250 (100%), loss 1, ") and lines[-1].endswith("ETA 0s")
+
+
+def test_progress_after_resume_and_early_stop():
+    """A resumed session's rate counts its own steps; a run ending below N says it stopped early."""
+    now = [0.0]
+    progress = C.Progress("train_classifier", clock=lambda: now[0])
+    progress.begin(100, 250)
+    now[0], progress.loss = 10.0, 0.5
+    assert progress.due(125) and progress.line(125, now[0]).endswith("2.5 steps/s, ETA 50s")
+    with progress_lines() as lines:
+        progress.emit(125)
+        now[0] = 12.0
+        progress.end(130)
+    assert progress_steps(lines, "train_classifier") == [(125, 250, ""), (130, 250, ", stopped early after 12s")]

@@ -17,7 +17,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_training_common import make_ctx, prepared_data, shared_store, tiny_section, tokenizer
+from test_training_common import (
+    make_ctx,
+    prepared_data,
+    progress_lines,
+    progress_steps,
+    shared_store,
+    tiny_section,
+    tokenizer,
+)
 
 from dagtune.training import common as C
 from dagtune.training import sft
@@ -103,7 +111,9 @@ def test_lora_weights_change_and_base_weights_do_not(tmp_path):
     lora = {n for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
     assert run.trainable_params == sum(before[n].numel() for n in lora)
-    run.trainer.train()
+    with progress_lines() as lines:
+        run.trainer.train()
+    assert progress_steps(lines, "train_function_calling") == [(i, 4, "") for i in range(1, 5)]
     for n, p in model.named_parameters():
         if n in lora:
             if "lora_B" in n:  # B starts at zero; A may stay close to its random init

@@ -234,7 +234,7 @@ def build_trainer(ctx: Any, rt: Runtime, loaded: Any, train: Encoded, val: Encod
     args = C.training_args(cfg, rt, ctx.scratch / "checkpoints", total, warmup, label_names=["labels"],
                            per_device_eval_batch_size=cfg.optim.batch_size * 2, remove_unused_columns=False,
                            **evals)  # fmt: skip
-    callbacks = [C.log_callback(train_log), timer.callback()]
+    callbacks = C.node_callbacks(ctx.name, train_log, timer)
     callbacks += [EarlyStoppingCallback(early_stopping_patience=es.patience)] if len(val) else []
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train, eval_dataset=val if len(val) else None,

@@ -10,10 +10,10 @@ accumulation with token-count loss normalisation, early stopping and logging. A 
 have to re-implement each of these a second time (the classifier's old loop did, in 285 lines).
 
 This module holds what the nodes share: the step arithmetic, ``training_args`` (one setup of the
-Trainer for every node), the ``train_log.jsonl`` writer and its callback, the ``StepTimer`` hook (the
-public way benchmarks and the manifest's ``timings`` see the run), checkpoint discovery, and
-``run_training`` / ``save_adapter``: resume, train, the shared metrics, the adapter/merged save. The
-hardware decisions live in ``dagtune/runtime.py``.
+Trainer for every node), the ``train_log.jsonl`` writer and its callback, the progress line (``step i/N,
+ETA`` on the ``dagtune`` logger), the ``StepTimer`` hook (the public way benchmarks and the manifest's
+``timings`` see the run), checkpoint discovery, and ``run_training`` / ``save_adapter``: resume, train,
+the shared metrics, the adapter/merged save. The hardware decisions live in ``dagtune/runtime.py``.
 
 Nothing here imports torch/transformers at module level: ``key_inputs`` runs while planning the DAG.
 """
@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,115 @@ def log_callback(train_log: TrainLog) -> Any:
                 self.t = time.perf_counter()  # evaluation time is not training throughput
 
     return _LogCallback()
+
+
+# ----------------------------------------------------------------------------------------------
+# the progress line
+# ----------------------------------------------------------------------------------------------
+PROGRESS_EVERY_FRACTION = 0.1  # a line every tenth of the planned steps ...
+PROGRESS_EVERY_SECONDS = 30.0  # ... or every 30 s, whichever comes first, and one at the last step
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``1m12s``, ``2h05m``: short enough for a progress line."""
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+@dataclass
+class Progress:
+    """When a training node says how far it is, and what: ``node X: step i/N (p%), loss L, r steps/s,
+    ETA t`` on the ``dagtune.training`` logger, so it reaches the CLI and Prefect's flow-run logs (the
+    Trainer's own tqdm bar goes to the node's log file). ``N`` is the planned maximum: a classifier that
+    stops early ends below it, and says so. The rate counts this session's steps only (a resumed run
+    does not claim the steps of the killed attempt)."""
+
+    node: str
+    every_fraction: float = PROGRESS_EVERY_FRACTION
+    every_seconds: float = PROGRESS_EVERY_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    logger: logging.Logger = log
+    total: int = 0
+    start_step: int = 0
+    t0: float = 0.0
+    last_step: int = 0
+    last_t: float = 0.0
+    loss: float | None = None
+
+    def begin(self, step: int, total: int) -> None:
+        self.total, self.start_step, self.last_step = total, step, step
+        self.t0 = self.last_t = self.clock()
+
+    def due(self, step: int) -> bool:
+        stride = max(1, math.ceil(self.every_fraction * self.total))
+        return (
+            step >= self.total
+            or step - self.last_step >= stride
+            or self.clock() - self.last_t >= self.every_seconds
+        )
+
+    def line(self, step: int, now: float) -> str:
+        done, elapsed = step - self.start_step, now - self.t0
+        rate = done / elapsed if done > 0 and elapsed > 0 else None
+        pct = 100 * step // self.total if self.total else 100
+        parts = [f"node {self.node}: step {step}/{self.total} ({pct}%)"]
+        parts += [f"loss {self.loss:.4g}"] if self.loss is not None else []
+        parts += [f"{rate:.3g} steps/s", f"ETA {format_duration((self.total - step) / rate)}"] if rate else []
+        return ", ".join(parts)
+
+    def emit(self, step: int, note: str = "") -> None:
+        now = self.clock()
+        self.logger.info("%s%s", self.line(step, now), note)
+        self.last_step, self.last_t = step, now
+
+    def end(self, step: int) -> None:
+        """The last step gets a line; a run that ended before its planned steps says it stopped early."""
+        if step < self.total:
+            self.emit(step, f", stopped early after {format_duration(self.clock() - self.t0)}")
+        elif step != self.last_step:
+            self.emit(step)
+
+
+def progress_callback(node: str, **kw: Any) -> Any:
+    """A TrainerCallback driving ``Progress``. A line due at a step where the Trainer also logs waits for
+    that log, so it carries the step's own loss (DefaultFlowCallback, which decides ``should_log``, runs
+    before the node's callbacks)."""
+    from transformers import TrainerCallback
+
+    progress = Progress(node, **kw)
+
+    class _ProgressCallback(TrainerCallback):
+        pending: int | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            progress.begin(state.global_step, state.max_steps)
+            self.pending = None
+
+        def on_step_end(self, args, state, control, **kw):
+            if progress.due(state.global_step):
+                if control.should_log:
+                    self.pending = state.global_step
+                else:
+                    progress.emit(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and logs.get("loss") is not None:
+                progress.loss = float(logs["loss"])
+                if self.pending == state.global_step:
+                    self.pending = None
+                    progress.emit(state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            progress.end(state.global_step)
+
+    return _ProgressCallback()
+
+
+def node_callbacks(node: str, train_log: TrainLog, timer: StepTimer) -> list[Any]:
+    """The callbacks every training node gives its Trainer: train_log.jsonl, the timer, the progress line."""
+    return [log_callback(train_log), timer.callback(), progress_callback(node)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def setup(ctx: Any, spec: SFTSpec, rt: Runtime | None = None) -> C.NodeRun:
         loaded.tokenizer, val_df["prompt"], val_df["completion"], max_len
     )
     ckpt_dir = ctx.scratch / "checkpoints"
-    callbacks = [C.log_callback(train_log), timer.callback()]
+    callbacks = C.node_callbacks(ctx.name, train_log, timer)
     built = build_trainer(cfg, spec, rt, loaded, train_rows, val_rows, ckpt_dir, callbacks)
     stats = {"train_truncated": train_stats["truncated"], "train_dropped": train_stats["dropped"],
              "val_truncated": val_stats["truncated"], **built.stats}  # fmt: skip
