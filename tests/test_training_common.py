@@ -370,7 +370,8 @@ def test_project_seed_is_the_training_seed_unless_a_section_sets_one(tmp_path):
 
 
 def test_format_duration():
-    assert [C.format_duration(s) for s in (0, 45.4, 72, 3599, 7500)] == ["0s", "45s", "1m12s", "59m59s", "2h05m"]
+    durations = [C.format_duration(s) for s in (0, 45.4, 72, 3599, 7500)]
+    assert durations == ["0s", "45s", "1m12s", "59m59s", "2h05m"]
 
 
 def test_progress_every_tenth_or_30_seconds_and_at_the_last_step():
@@ -387,7 +388,8 @@ def test_progress_every_tenth_or_30_seconds_and_at_the_last_step():
         progress.end(250)
     assert [s for s, _, _ in progress_steps(lines, "train_x")] == [25, 50, 60, *range(85, 250, 25), 250]
     assert lines[0] == "node train_x: step 25/250 (10%), loss 1.9, 5 steps/s, ETA 45s"
-    assert lines[-1].startswith("node train_x: step 250/250 (100%), loss 1, ") and lines[-1].endswith("ETA 0s")
+    assert lines[-1].startswith("node train_x: step 250/250 (100%), loss 1, ")
+    assert lines[-1].endswith("ETA 0s")
 
 
 def test_progress_after_resume_and_early_stop():
@@ -401,4 +403,5 @@ def test_progress_after_resume_and_early_stop():
         progress.emit(125)
         now[0] = 12.0
         progress.end(130)
-    assert progress_steps(lines, "train_classifier") == [(125, 250, ""), (130, 250, ", stopped early after 12s")]
+    stopped = ", stopped early after 12s"
+    assert progress_steps(lines, "train_classifier") == [(125, 250, ""), (130, 250, stopped)]
