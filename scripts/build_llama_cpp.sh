@@ -41,7 +41,10 @@ fetch_sdist() {
   fi
   if [[ -z "$sdist" ]]; then
     log "downloading sdist llama-cpp-python==$VERSION"
-    "$PYTHON" -m pip download --no-deps --no-binary :all: -d "$SRC_DIR" "llama-cpp-python==$VERSION" >&2
+    # Only this package from source: `--no-binary :all:` also builds the build backends' own build
+    # dependencies from source, recursively (setuptools-scm, hatch-vcs, ...): in a clean image that chain
+    # had not finished after 6 minutes.
+    "$PYTHON" -m pip download --no-deps --no-binary llama-cpp-python -d "$SRC_DIR" "llama-cpp-python==$VERSION" >&2
     sdist="$SRC_DIR/$SDIST_NAME"
   fi
   [[ -f "$sdist" ]] || { log "sdist not found after download"; exit 1; }
