@@ -122,3 +122,22 @@ def test_cli_invalid_config_exits_2(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "profile 'tiny'" in ok.stdout and "profile 'real'" in ok.stdout
+
+
+def test_renamed_max_parallel_training_still_works_with_a_deprecation_warning():
+    from dagtune.config import RuntimeConfig
+
+    with pytest.warns(DeprecationWarning, match="renamed runtime.nodes_per_device"):
+        rt = RuntimeConfig.model_validate({"max_parallel_training": 2})
+    assert rt.nodes_per_device == 2
+    with pytest.warns(DeprecationWarning):  # both given: the new name wins
+        assert (
+            RuntimeConfig.model_validate({"max_parallel_training": 2, "nodes_per_device": 3}).nodes_per_device
+            == 3
+        )
+
+
+def test_thread_isolation_with_several_slots_is_refused_by_yaml_path():
+    with pytest.raises(ConfigError, match="runtime") as err:
+        load_config(profile="tiny", overrides={"runtime": {"isolation": "thread", "nodes_per_device": 2}})
+    assert "nodes_per_device to 1" in str(err.value)
