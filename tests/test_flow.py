@@ -45,6 +45,8 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 # The tiny profile, made smaller still: these tests check orchestration, not learning.
 FAST = {
+    # Two model-loading nodes at once (each its own process, one torch thread): both of CI's 2 cores work.
+    "runtime": {"nodes_per_device": 2},
     "prepare_data": {
         "function_calling": {"source": {"num_examples": 60}},
         "extractor": {"source": {"num_examples": 60}},
@@ -243,8 +245,9 @@ def test_state_dir_copied_then_original_moved_runs_from_the_copy(built, tmp_path
 def test_sigkill_mid_write_then_rerun(tmp_path):
     state = tmp_path / "state"
     env = _env(state)
+    config = str(fast_config(tmp_path))  # the rerun recomputes the very key the kill interrupted
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dagtune.cli", "run", "--json"],
+        [sys.executable, "-m", "dagtune.cli", "run", "--json", "--config", config],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -258,7 +261,9 @@ def test_sigkill_mid_write_then_rerun(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list((state / "artifacts").glob("*/*/manifest.json")), "a killed run left a manifest"
-    out = _run_json(state)
+    # Only the interrupted node (CI time): the nodes after it never started, and test_first_run_builds
+    # every node on a fresh state already.
+    out = _run_json(state, "--only", NODE_ORDER[0], "--config", config)
     assert out["ok"] and out["nodes"][0]["status"] == "ran"
 
 
@@ -266,13 +271,14 @@ def test_two_runs_started_together_compute_each_key_once(tmp_path):
     # Output goes to files, not pipes: a child blocked on a full 64 KiB pipe while holding the training
     # slot (the parent drained one child at a time) is what hung this test once, not the product's locks.
     state = tmp_path / "state"
+    config = str(fast_config(tmp_path))  # the locks are under test, not training (CI time)
     logs = [(tmp_path / f"out{i}.json", tmp_path / f"err{i}.log") for i in range(2)]
     procs = []
     for i, (out_p, err_p) in enumerate(logs):
         with open(out_p, "w") as out_f, open(err_p, "w") as err_f:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "dagtune.cli", "run", "--json"],
+                    [sys.executable, "-m", "dagtune.cli", "run", "--json", "--config", config],
                     cwd=ROOT,
                     env=_env(state, tmp_path / f"prefect{i}"),
                     stdout=out_f,
