@@ -45,8 +45,6 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 # The tiny profile, made smaller still: these tests check orchestration, not learning.
 FAST = {
-    # Two model-loading nodes at once (each its own process, one torch thread): both of CI's 2 cores work.
-    "runtime": {"nodes_per_device": 2},
     "prepare_data": {
         "function_calling": {"source": {"num_examples": 60}},
         "extractor": {"source": {"num_examples": 60}},
