@@ -78,7 +78,7 @@ def built_pipeline(_fast_pipeline):
 def copy_of_built_pipeline(_fast_pipeline):
     """Copies the fast pipeline's artifacts as first built into ``<dir>/state/artifacts`` (no MLflow
     store, no Prefect records): returns (that state dir, the build's config). Every node run there with
-    that config is cached (CI time); register, forced, fills that state's own MLflow store."""
+    that config is cached except register, whose key names the tracking store (CI time)."""
     _, config, _, pristine = _fast_pipeline
 
     def copy(into: Path) -> tuple[Path, Path]:

@@ -32,7 +32,7 @@ MODELS = ("function_calling", "extractor", "classifier")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, copy_of_built_pipeline):
     # The fast pipeline's artifacts as tests/test_flow.py built them (conftest.py): every node up to
-    # evaluate is cached here; register builds this state's own SQLite registry in-process.
+    # evaluate is cached here, register builds this state's own SQLite registry in-process.
     state, config = copy_of_built_pipeline(tmp_path_factory.mktemp("usable"))
     saved = {
         k: os.environ.get(k) for k in ("DAGTUNE_STATE_DIR", "DAGTUNE_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI")
@@ -45,10 +45,7 @@ def built(tmp_path_factory, copy_of_built_pipeline):
         arts = {}
         for name in pipeline.NODE_ORDER:
             node = pipeline.NODES[name]
-            # register is forced: this state has no MLflow store yet (the copy holds artifacts only)
-            arts[name], res = pipeline.run_node(
-                name, cfg, {u: arts[u] for u in node.upstream}, force=name == "register"
-            )
+            arts[name], res = pipeline.run_node(name, cfg, {u: arts[u] for u in node.upstream})
             assert (res.status == "ran") is (name == "register"), (name, res.status)  # same keys as the CLI
         mlflow.set_tracking_uri(cfg.tracking_uri)
         registered = json.loads((arts["register"].dir / "registered.json").read_text())["models"]
