@@ -90,3 +90,6 @@ def test_compose_stack_is_wired_for_health_and_hosts():
 def test_dockerignore_keeps_the_virtualenv_and_state_out():
     lines = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".state", ".git"} <= lines
+    # docker/.env holds POSTGRES_PASSWORD and HF_TOKEN: neither in an image (COPY . .) nor in git.
+    assert "docker/.env" in lines
+    assert "docker/.env" in (ROOT / ".gitignore").read_text().split()
