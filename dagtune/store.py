@@ -26,7 +26,7 @@ import platform
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,7 +367,7 @@ class ArtifactStore:
             scratch.mkdir(parents=True, exist_ok=True)
             started = time.time()
             try:
-                metrics = dict(compute(tmp, scratch) or {})
+                metrics = _metrics_of(node, compute(tmp, scratch))
                 extra = metrics.pop(MANIFEST_FIELDS, None)
                 art = self.commit(node, key, tmp, inputs, metrics, started, extra)
             except BaseException:
@@ -405,6 +405,17 @@ class ArtifactStore:
 
 
 _CORE_FIELDS = frozenset(("node", "key", "inputs", "files", "metrics", "libraries", "timings", "host"))
+
+
+def _metrics_of(node: str, result: Any) -> dict[str, Any]:
+    """A node's build returns its metrics (a mapping) or None; anything else is a bug in the node."""
+    if result is None:
+        return {}
+    if not isinstance(result, Mapping):
+        raise TypeError(
+            f"node {node}'s build returned {type(result).__name__}, not a metrics mapping or None"
+        )
+    return dict(result)
 
 
 def _owner_pid(name: str) -> int | None:

@@ -51,6 +51,10 @@ def _training(out: Path, store: ArtifactStore, variant: str) -> None:
         template.write_text(template.read_text().replace(TOOLS_BLOCK, "{%- if false -%}"))
 
 
+def _unused(out: Path) -> None:
+    (out / "unused").write_text("-")
+
+
 def _upstream(store: ArtifactStore, variant: str) -> dict:
     config = {"function_calling": {"developer_prompt": DEVELOPER}}
     ups = {}
@@ -64,7 +68,7 @@ def _upstream(store: ArtifactStore, variant: str) -> dict:
         lambda out, _s: _training(out, store, variant),
     )
     ups["train_extractor"], _ = store.build(
-        "train_extractor", {"standin": "unused"}, lambda out, _s: (out / "unused").write_text("-")
+        "train_extractor", {"standin": "unused"}, lambda out, _s: _unused(out)
     )
     return ups
 

@@ -9,6 +9,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from dagtune.store import MANIFEST, ArtifactStore, canonical_json, content_key, sha256_file
 
 
@@ -197,3 +199,10 @@ def test_a_root_without_flock_is_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     with pytest.raises(ArtifactError, match=f"artifact root {tmp_path}: its filesystem has no flock"):
         ArtifactStore(tmp_path).build("n", {"a": 1}, _write_two)
+
+
+def test_a_build_returning_something_other_than_metrics_is_refused(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(TypeError, match="node n's build returned int, not a metrics mapping"):
+        store.build("n", {"k": 1}, lambda out, _s: (out / "f").write_text("x"))
+    assert store.get("n", content_key({"k": 1})) is None
