@@ -43,11 +43,15 @@ def built(tmp_path_factory):
         for name in pipeline.NODE_ORDER:
             node = pipeline.NODES[name]
             arts[name], _ = pipeline.run_node(name, cfg, {u: arts[u] for u in node.upstream})
+        # register ran in its own process: this one sets both URIs itself (an earlier test's server may
+        # still be the process-wide registry URI)
         mlflow.set_tracking_uri(cfg.tracking_uri)
+        mlflow.set_registry_uri(cfg.tracking_uri)
         registered = json.loads((arts["register"].dir / "registered.json").read_text())["models"]
         yield cfg, arts, registered
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
