@@ -227,7 +227,7 @@ class NodeResult:
     key: str
     artifact: str | None
     error: str | None = None
-    wait_seconds: float = 0.0  # waiting for a GPU slot: not part of `seconds`
+    wait_seconds: float = 0.0  # waiting for a device slot: not part of `seconds`
 
     def to_dict(self) -> dict[str, Any]:
         d = {
