@@ -104,7 +104,7 @@ def _export(ctx: NodeContext, model: str, device: str, n_threads: int) -> tuple[
         elif qtype in ("f16", "bf16"):
             q = convert_hf_to_gguf(merged, target, outtype=qtype, tokenizer_source=tok_source)
         else:
-            q = quantize(base_file, target, qtype)
+            q = quantize(base_file, target, qtype, n_params=conv["n_params"])
         parity = parity_check(
             merged,
             target,

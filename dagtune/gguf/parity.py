@@ -192,22 +192,36 @@ def _stop_ids(model: Any, tok: Any) -> set[int]:
     return stop
 
 
-def _hf_greedy(model: Any, out: Any, max_new_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy continuation of a prompt whose forward output (logits, cache) is ``out``."""
+def _hf_greedy_batch(
+    model: Any, ids_all: Sequence[list[int]], max_new_tokens: int, stop: set[int], pad_id: int, batch: int
+) -> list[list[int]]:
+    """Greedy continuations of ``ids_all`` by ``model.generate``, ``batch`` prompts at a time, left-padded
+    (one prompt per call on the CPU: no padding, the reference bit for bit). Each is cut at its first stop
+    token."""
     import torch
 
-    gen: list[int] = []
-    past, logits = out.past_key_values, out.logits[0, -1]
-    dev = out.logits.device
-    with torch.no_grad():
-        for step in range(max_new_tokens):
-            t = int(logits.argmax())
-            gen.append(t)
-            if t in stop or step == max_new_tokens - 1:
-                break
-            o = model(input_ids=torch.tensor([[t]], device=dev), past_key_values=past, use_cache=True)
-            past, logits = o.past_key_values, o.logits[0, -1]
-    return _truncate_at_stop(gen, stop)
+    dev = next(model.parameters()).device
+    out: list[list[int]] = []
+    for at in range(0, len(ids_all), batch):
+        rows = ids_all[at : at + batch]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=dev)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=dev)
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                num_beams=1,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=sorted(stop),
+                pad_token_id=pad_id,
+            )
+        out += [_truncate_at_stop(g, stop) for g in gen[:, width:].tolist()]
+    return out
 
 
 def _llama_greedy(llm: Any, max_new_tokens: int, stop: set[int]) -> list[int]:
@@ -298,7 +312,15 @@ class _TemplateCheck:
         }
 
 
-def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None) -> Any:
+def llama_offloads_to(device: str) -> bool:
+    """Whether llama.cpp runs the check on the GPU: the HF side is on CUDA and this llama-cpp-python was
+    built with a GPU backend (``CMAKE_ARGS=-DGGML_CUDA=on``; ``scripts/build_llama_cuda.sh``)."""
+    import llama_cpp
+
+    return device.startswith("cuda") and bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None, gpu: bool) -> Any:
     import llama_cpp
 
     return llama_cpp.Llama(
@@ -307,6 +329,7 @@ def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None) -> Any:
         n_ctx=n_ctx,
         n_batch=min(n_ctx, 2048),
         n_threads=n_threads,
+        n_gpu_layers=-1 if gpu else 0,
         seed=0,
         verbose=False,
     )
@@ -349,51 +372,92 @@ def float32_reference() -> Iterator[None]:
                 torch.backends.cuda.matmul.allow_tf32 = _TF32["saved"]
 
 
+class _Clock:
+    """Seconds per phase of a parity check, for the manifest (where a real-size check spends its time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
+
+
+def _greedy_batch_size(model: Any) -> int:
+    """Prompts per batched HF greedy call: one on the CPU (the unpadded reference), 16 on a GPU, where
+    one-token steps of a float32 model are launch-bound and a batch costs what one prompt does."""
+    return 1 if next(model.parameters()).device.type == "cpu" else 16
+
+
 def _compare_prompts(
     model: Any,
     llm: Any,
     hf_ids_all: list[list[int]],
     ll_ids_all: list[list[int]],
     chats: Sequence[Chat] | None,
-    max_new_tokens: int,
-    stop: set[int],
+    gen: tuple[int, set[int], int],
     tolerance: float,
     greedy_n: int,
+    clock: _Clock,
 ) -> dict[str, Any]:
     """(b) over every prompt; (c), greedy on the same token ids, over the first ``greedy_n`` -- every
-    prompt when (d) runs, which reuses it -- (decoding on llama.cpp's CPU path costs a real-size model's
-    check minutes per 64 prompts)."""
+    prompt when (d) runs, which reuses it. ``gen``: (max_new_tokens, stop ids, pad id)."""
     import numpy as np
     import torch
 
+    max_new_tokens, stop, pad_id = gen
     last, allpos = _Last(tolerance), _Top1(tolerance)
     tpl = _TemplateCheck(gguf_chat_template(llm)) if chats is not None else None
+    check_template = tpl is not None and tpl.template is not None and chats is not None
+    n_greedy = len(hf_ids_all) if check_template else min(greedy_n, len(hf_ids_all))
+    with clock.phase("hf_greedy"):
+        hf_gens = _hf_greedy_batch(
+            model, hf_ids_all[:n_greedy], max_new_tokens, stop, pad_id, _greedy_batch_size(model)
+        )
     hf_absmax, greedy_exact, greedy_frac = 0.0, [], []
     dev = next(model.parameters()).device
+    t_start = time.perf_counter()
     for i, (h_ids, l_ids) in enumerate(zip(hf_ids_all, ll_ids_all, strict=True)):
-        with torch.no_grad():
-            out = model(input_ids=torch.tensor([h_ids], device=dev), use_cache=True)
-        llm.reset()
-        llm.eval(l_ids)
-        ll_logits = torch.from_numpy(np.ascontiguousarray(llm.scores[: len(l_ids)], dtype=np.float32))
-        v = min(out.logits.shape[-1], ll_logits.shape[-1])
-        hf_logits = out.logits[0, :, :v].float()  # stays on the model's device, as do the reductions
-        ll_logits = ll_logits[:, :v].to(hf_logits.device)
-        last.add(hf_logits[-1], ll_logits[-1])
-        hf_absmax = max(hf_absmax, float(hf_logits.abs().max()))
-        if h_ids == l_ids:
-            allpos.add(hf_logits, ll_logits)
-        check_template = tpl is not None and tpl.template is not None and chats is not None
-        if i >= greedy_n and not check_template:
-            continue
-        hf_gen = _hf_greedy(model, out, max_new_tokens, stop)
-        ll_gen = _llama_greedy(llm, max_new_tokens, stop)  # the template check reuses it on equal ids
-        greedy_exact.append(hf_gen == ll_gen)
-        prefix = _first_diff(hf_gen, ll_gen)
-        prefix = len(hf_gen) if prefix is None else prefix
-        greedy_frac.append(prefix / max(len(hf_gen), len(ll_gen), 1))
-        if check_template:
-            tpl.add(llm, chats[i], (l_ids, ll_gen), hf_gen, max_new_tokens, stop)
+        with clock.phase("hf_forward"), torch.no_grad():
+            out = model(input_ids=torch.tensor([h_ids], device=dev), use_cache=False)
+        with clock.phase("llama_eval"):
+            llm.reset()
+            llm.eval(l_ids)
+            ll_logits = torch.from_numpy(np.ascontiguousarray(llm.scores[: len(l_ids)], dtype=np.float32))
+        with clock.phase("compare"):
+            v = min(out.logits.shape[-1], ll_logits.shape[-1])
+            hf_logits = out.logits[0, :, :v].float()  # stays on the model's device, as do the reductions
+            ll_logits = ll_logits[:, :v].to(hf_logits.device)
+            last.add(hf_logits[-1], ll_logits[-1])
+            hf_absmax = max(hf_absmax, float(hf_logits.abs().max()))
+            if h_ids == l_ids:
+                allpos.add(hf_logits, ll_logits)
+            del out, hf_logits, ll_logits
+        if i < n_greedy:
+            with clock.phase("llama_greedy"):
+                ll_gen = _llama_greedy(llm, max_new_tokens, stop)  # the template check reuses it
+            hf_gen = hf_gens[i]
+            greedy_exact.append(hf_gen == ll_gen)
+            prefix = _first_diff(hf_gen, ll_gen)
+            prefix = len(hf_gen) if prefix is None else prefix
+            greedy_frac.append(prefix / max(len(hf_gen), len(ll_gen), 1))
+            if check_template:
+                with clock.phase("template"):
+                    tpl.add(llm, chats[i], (l_ids, ll_gen), hf_gen, max_new_tokens, stop)
+        if (i + 1) % 16 == 0 and i + 1 < len(hf_ids_all):
+            logger.info(
+                "parity: %d/%d prompts compared in %.1fs",
+                i + 1,
+                len(hf_ids_all),
+                time.perf_counter() - t_start,
+            )
     n = len(hf_ids_all)
     out_d: dict[str, Any] = {
         "top1_agreement": sum(last.top1) / n,
@@ -409,7 +473,7 @@ def _compare_prompts(
         "hf_top1_margin_min": min(last.margin),
         "greedy_prompts": len(greedy_exact),
         "greedy_exact_match_rate": sum(greedy_exact) / max(len(greedy_exact), 1),
-        "greedy_token_agreement": float(np.mean(greedy_frac)),
+        "greedy_token_agreement": float(np.mean(greedy_frac)) if greedy_frac else None,
     }
     if tpl is not None:
         out_d.update(tpl.summary(n))
@@ -486,22 +550,33 @@ def parity_check(
     if chats is not None and len(chats) != len(prompts):
         raise ValueError(f"parity_check got {len(chats)} chats for {len(prompts)} prompts")
     hf_model_dir, gguf_file = Path(hf_model_dir), Path(gguf_file)
-    with _LOAD_LOCK:
-        tok = AutoTokenizer.from_pretrained(hf_model_dir)
-    hf_ids_all, ll_ids_all = _token_ids(tok, gguf_file, prompts)
+    clock = _Clock()
+    with clock.phase("tokenize"):
+        with _LOAD_LOCK:
+            tok = AutoTokenizer.from_pretrained(hf_model_dir)
+        hf_ids_all, ll_ids_all = _token_ids(tok, gguf_file, prompts)
     mismatches = _id_mismatches(hf_ids_all, ll_ids_all)
-    model = _hf_model(hf_model_dir, device)
+    with clock.phase("load_hf"):
+        model = _hf_model(hf_model_dir, device)
     stop = _stop_ids(model, tok)
     n_ctx = max(256, max(len(x) for x in ll_ids_all) + max_new_tokens + 16)
     if chats is not None:
         n_ctx += 256  # a rendering by another template may be a little longer
-    llm = _open_llama(gguf_file, n_ctx, n_threads)
+    gpu = llama_offloads_to(device)
+    if device.startswith("cuda") and not gpu:
+        logger.warning(
+            "llama-cpp-python has no GPU backend: the parity check runs llama.cpp on the CPU (minutes per "
+            "model at real size); build it with CMAKE_ARGS=-DGGML_CUDA=on (scripts/build_llama_cuda.sh)"
+        )
+    with clock.phase("load_llama"):
+        llm = _open_llama(gguf_file, n_ctx, n_threads, gpu)
     try:
         with float32_reference():  # the reference stays float32 on a GPU
             stop.add(int(llm.token_eos()))
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(stop)
             compared = _compare_prompts(
-                model, llm, hf_ids_all, ll_ids_all, chats, max_new_tokens, stop, top1_tie_tolerance,
-                len(prompts) if greedy_prompts is None else greedy_prompts,
+                model, llm, hf_ids_all, ll_ids_all, chats, (max_new_tokens, stop, pad_id),
+                top1_tie_tolerance, len(prompts) if greedy_prompts is None else greedy_prompts, clock,
             )  # fmt: skip
     finally:
         llm.close()
@@ -516,6 +591,8 @@ def parity_check(
         "max_new_tokens": max_new_tokens,
         "min_top1_agreement": min_top1_agreement,
         "gguf_file": str(gguf_file),
+        "llama_device": "gpu" if gpu else "cpu",
+        "phase_seconds": clock.rounded(),
         "token_id_mismatches": mismatches[:max_mismatch_records],
     }
     min_template = min_template_greedy_match if chats is not None else None
@@ -530,7 +607,8 @@ def parity_check(
 
 def _log_result(gguf_file: Path, result: dict[str, Any]) -> None:
     logger.info(
-        "parity %s: ids %.3f top1(all) %s maxdiff %.3g greedy %.3f template %s -> %s",
+        "parity %s: ids %.3f top1(all) %s maxdiff %.3g greedy %.3f template %s -> %s in %.1fs (llama.cpp on "
+        "%s; %s)",
         gguf_file.name,
         result["token_ids_match_rate"],
         result["top1_agreement_all_positions_ties_ok"],
@@ -538,4 +616,7 @@ def _log_result(gguf_file: Path, result: dict[str, Any]) -> None:
         result["greedy_exact_match_rate"],
         result.get("template_greedy_match_rate"),
         "PASS" if result["passed"] else "FAIL",
+        result["seconds"],
+        result["llama_device"],
+        ", ".join(f"{k} {v:.1f}s" for k, v in result["phase_seconds"].items()),
     )
