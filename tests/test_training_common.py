@@ -191,6 +191,11 @@ def make_ctx(tmp: Path, node: str, section, data: Artifact | None = None, runtim
     )
 
 
+def tiny_ctx(tmp: Path, node: str, **updates) -> NodeContext:
+    """make_ctx for ``node`` with its tiny-profile section, updated by ``updates`` (see tiny_section)."""
+    return make_ctx(tmp, node, tiny_section(node, **updates))
+
+
 PROGRESS_LINE = re.compile(
     r"node (?P<node>\S+): step (?P<i>\d+)/(?P<n>\d+) \((?P<pct>\d+)%\), loss \S+, \S+ steps/s, "
     r"ETA (\d+h\d\dm|\d+m\d\ds|\d+s)(?P<note>.*)$"
