@@ -148,6 +148,9 @@ def test_node_artifact_and_determinism(tmp_path):
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 4, 6]
+    acc = [r["mean_token_accuracy"] for r in steps]  # TRL's completion-token accuracy, first and last
+    assert all(0 <= a <= 1 for a in acc)
+    assert (m1["train_token_accuracy_first"], m1["train_token_accuracy_last"]) == (acc[0], acc[-1])
     assert all(
         r["tokens_per_second"] > 0 and r["grad_norm"] is not None and "learning_rate" in r for r in steps
     )
