@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dagtune.config import PipelineConfig
-from dagtune.pipeline import NODE_ORDER, NODES, node_inputs, run_node
+from dagtune.pipeline import NODE_ORDER, NODES, NodeResult, node_inputs, run_node
 from dagtune.store import PREFECT_RECORD, Artifact, ArtifactStore, content_key
 
 log = logging.getLogger("dagtune")
@@ -180,19 +180,6 @@ def run_task(
     return {**result, "artifact": rel, "node": name, "path": rel, "flow_run_id": flow_run_id}
 
 
-def _row(
-    name: str, status: str, seconds: float, key: str, artifact: str | None, wait: float = 0.0
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "status": status,
-        "seconds": seconds,
-        "wait_seconds": wait,
-        "key": key,
-        "artifact": artifact,
-    }
-
-
 def summarize(
     results: list[dict[str, Any]], flow_run_id: str | None, root: Path | None = None
 ) -> list[dict[str, Any]]:
@@ -205,7 +192,7 @@ def summarize(
         if flow_run_id and r.get("flow_run_id") and r["flow_run_id"] != flow_run_id:
             status, seconds, wait = "cached", 0.0, 0.0
         artifact = str(root / r["artifact"]) if root and r["artifact"] else r["artifact"]
-        rows.append(_row(r["name"], status, seconds, r["key"], artifact, wait))
+        rows.append(NodeResult(r["name"], status, seconds, r["key"], artifact, wait_seconds=wait).to_dict())
     return rows
 
 
@@ -234,7 +221,7 @@ def failure_rows(
     for r in node_status(cfg):
         forced, picked = r["name"] in (force or []), selected(r["name"], only)
         status, seconds = _failure_status(r, started, forced, picked)
-        rows.append(_row(r["name"], status, seconds, r["key"], r["artifact"]))
+        rows.append(NodeResult(r["name"], status, seconds, r["key"], r["artifact"]).to_dict())
     return rows
 
 

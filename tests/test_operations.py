@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from dagtune.logs import node_output_to
 from dagtune.report import headline, metric_rows, run_markdown
 from dagtune.run_request import RunRequest
-from dagtune.runner import _failure_status, add_dagtune_to_prefect_logs, cache_record_key
+from dagtune.runner import _failure_status, add_dagtune_to_prefect_logs, cache_record_key, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,6 +184,20 @@ def test_failure_rows_use_build_seconds_and_mark_forced_old_artifact_failed(tmp_
     assert _failure_status({"exists": True, "artifact": str(old)}, started, False, True) == ("cached", 0.0)
     assert _failure_status({"exists": False, "artifact": None}, started, False, False) == ("skipped", 0.0)
     assert _failure_status({"exists": False, "artifact": None}, started, False, True) == ("failed", 0.0)
+
+
+def test_summarize_rows_mark_other_runs_cached_and_resolve_artifacts(tmp_path):
+    ran = {"name": "a", "status": "ran", "seconds": 1.5, "wait_seconds": 0.25, "key": "k", "artifact": "a/k"}
+    other = {"name": "b", "status": "ran", "seconds": 2.0, "key": "k", "artifact": "b/k", "flow_run_id": "x"}
+    skipped = {"name": "c", "status": "skipped", "seconds": 0.0, "key": "k", "artifact": None}
+    rows = summarize([{**ran, "flow_run_id": "this"}, other, skipped], "this", tmp_path)
+    assert [(r["name"], r["status"], r["seconds"], r["wait_seconds"], r["artifact"]) for r in rows] == [
+        ("a", "ran", 1.5, 0.25, str(tmp_path / "a/k")),
+        ("b", "cached", 0.0, 0.0, str(tmp_path / "b/k")),
+        ("c", "skipped", 0.0, 0.0, None),
+    ]
+    assert all(set(r) == {"name", "status", "seconds", "wait_seconds", "key", "artifact"} for r in rows)
+    assert summarize([ran], None)[0]["artifact"] == "a/k"  # no root: left relative
 
 
 # -- the CLI's --json promise -----------------------------------------------------------------------

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_training_common import (
-    make_ctx,
     prepared_data,
     progress_lines,
     progress_steps,
     shared_store,
+    tiny_ctx,
     tiny_section,
     tokenizer,
 )
@@ -92,9 +92,8 @@ def _head(out):
 
 
 def test_train_classifier_artifact_and_loader(tmp_path):
-    sec = tiny_section("train_classifier", **FAST, class_weights="balanced")
     with progress_lines() as lines:
-        m = K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+        m = K.build_classifier(tiny_ctx(tmp_path, "train_classifier", **FAST, class_weights="balanced"))
     out = tmp_path / "out"
     # The progress line: 8 planned steps, a tenth rounds up to one step: a line at each, in order.
     assert progress_steps(lines, "train_classifier") == [(i, 8, "") for i in range(1, 9)]
@@ -146,7 +145,8 @@ def test_train_classifier_artifact_and_loader(tmp_path):
 
 def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
     # A learning rate too small to move anything: macro-F1 never improves after the first evaluation.
-    sec = tiny_section(
+    ctx = tiny_ctx(
+        tmp_path,
         "train_classifier",
         optim={"max_steps": 30, "learning_rate": 1e-12},
         early_stopping={"metric": "macro_f1", "eval_every": 2, "patience": 2},
@@ -155,7 +155,7 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
         save_merged=False,
     )
     with progress_lines() as lines:
-        m = K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+        m = K.build_classifier(ctx)
     assert m["stopped_early"] and m["best_step"] == 2
     # N is the planned maximum; the last line is the step it stopped at, and says so.
     steps = progress_steps(lines, "train_classifier")
@@ -170,8 +170,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     same weights as a run that was never interrupted (data order, RNG, optimizer and scheduler restored)."""
     upd = {"optim": {"max_steps": 10}, "log_every": 1, "checkpoint_every": 4, "early_stopping": {"eval_every": 3},
            "save_merged": False}  # fmt: skip
-    sec = tiny_section("train_classifier", **upd)
-    full = K.build_classifier(make_ctx(tmp_path / "full", "train_classifier", sec))
+    full = K.build_classifier(tiny_ctx(tmp_path / "full", "train_classifier", **upd))
 
     from transformers import Trainer
 
@@ -186,11 +185,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
             raise Killed
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    ctx = make_ctx(tmp_path / "cut", "train_classifier", sec)
     with pytest.raises(Killed):
-        K.build_classifier(ctx)
+        K.build_classifier(tiny_ctx(tmp_path / "cut", "train_classifier", **upd))
     monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
-    resumed = K.build_classifier(make_ctx(tmp_path / "cut", "train_classifier", sec))
+    resumed = K.build_classifier(tiny_ctx(tmp_path / "cut", "train_classifier", **upd))
     assert resumed["resumed_from_step"] == 4 and resumed["steps_this_run"] == 6 and resumed["steps"] == 10
     a, b = _head(tmp_path / "full" / "out"), _head(tmp_path / "cut" / "out")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -221,8 +219,8 @@ def test_resume_never_unpickles_a_planted_checkpoint_file(tmp_path, monkeypatch,
 
     from transformers import Trainer
 
-    sec = tiny_section("train_classifier", optim={"max_steps": 4}, log_every=1, checkpoint_every=2,
-                       early_stopping={"eval_every": 100}, save_merged=False)  # fmt: skip
+    upd = {"optim": {"max_steps": 4}, "log_every": 1, "checkpoint_every": 2, "early_stopping": {"eval_every": 100},
+           "save_merged": False}  # fmt: skip
     real_save = Trainer._save_checkpoint
 
     class Killed(BaseException):
@@ -234,14 +232,14 @@ def test_resume_never_unpickles_a_planted_checkpoint_file(tmp_path, monkeypatch,
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+        K.build_classifier(tiny_ctx(tmp_path, "train_classifier", **upd))
     monkeypatch.setattr(Trainer, "_save_checkpoint", real_save)
     ckpt = tmp_path / "scratch" / "checkpoints" / "checkpoint-2"
     marker = tmp_path / "marker"
     assert (ckpt / planted).is_file()
     (ckpt / planted).write_bytes(pickle.dumps(_Planted(marker)))
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        K.build_classifier(make_ctx(tmp_path, "train_classifier", sec))
+        K.build_classifier(tiny_ctx(tmp_path, "train_classifier", **upd))
     assert not marker.exists()
     pickle.loads((ckpt / planted).read_bytes())  # the planted file does run code when unpickled
     assert marker.exists()

@@ -191,6 +191,11 @@ def make_ctx(tmp: Path, node: str, section, data: Artifact | None = None, runtim
     )
 
 
+def tiny_ctx(tmp: Path, node: str, **updates) -> NodeContext:
+    """make_ctx for ``node`` with its tiny-profile section, updated by ``updates`` (see tiny_section)."""
+    return make_ctx(tmp, node, tiny_section(node, **updates))
+
+
 PROGRESS_LINE = re.compile(
     r"node (?P<node>\S+): step (?P<i>\d+)/(?P<n>\d+) \((?P<pct>\d+)%\), loss \S+, \S+ steps/s, "
     r"ETA (\d+h\d\dm|\d+m\d\ds|\d+s)(?P<note>.*)$"
@@ -299,6 +304,21 @@ def test_train_log_rewinds_after_a_kill(tmp_path):
     assert (log2.first_loss, log2.last_loss) == (9.0, 0.0)
     log2.write({"step": 15, "loss": float("nan"), "grad_norm": None})
     assert json.loads(p.read_text().splitlines()[-1])["loss"] is None
+
+
+def test_train_log_first_last_skips_records_without_the_value(tmp_path):
+    log = C.TrainLog(tmp_path / "train_log.jsonl")
+    assert log.first_last("mean_token_accuracy") == (None, None) and log.first_loss is None
+    for record in (
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0, "mean_token_accuracy": 0.4},
+        {"event": "resume", "step": 2},
+        {"step": 3, "loss": 1.0, "mean_token_accuracy": 0.6},
+        {"step": 4, "mean_token_accuracy": None},
+    ):
+        log.write(record)
+    assert log.first_last("mean_token_accuracy") == (0.4, 0.6)
+    assert (log.first_loss, log.last_loss) == (3.0, 1.0)
 
 
 def test_key_inputs_record_backend_device_and_model(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_training_common import _chat_rows, _extract, _fc_rows, make_ctx, tiny_section, write_task
 
+from dagtune.data import packing
 from dagtune.store import Artifact
 from dagtune.training import sft
 
@@ -25,10 +26,10 @@ def test_pack_plan_keeps_examples_per_step(n):
     rng = random.Random(n)
     lengths = [rng.randint(50, 400) for _ in range(n)]
     per_step, cap, total = 32, 1000, 5
-    micro, accum = sft.pack_plan(lengths, per_step, cap, seed=7, total_steps=total)
+    micro, accum = packing.pack_plan(lengths, per_step, cap, seed=7, total_steps=total)
     assert len(micro) == total * accum
     steps = [micro[i * accum : (i + 1) * accum] for i in range(total)]
-    groups = sft.step_groups(n, per_step, 7, total)
+    groups = packing.step_groups(n, per_step, 7, total)
     for step, group in zip(steps, groups, strict=True):
         flat = [i for b in step for i in b]
         assert sorted(flat) == sorted(group), "a step packs exactly its group of examples, each once"
@@ -42,20 +43,21 @@ def test_pack_plan_keeps_examples_per_step(n):
         assert [len(g) for g in groups[:per_epoch]] == [per_step] * (n // per_step) + (
             [n % per_step] if n % per_step else []
         )
-    assert sft.pack_plan(lengths, per_step, cap, seed=7, total_steps=total) == (micro, accum), "deterministic"
+    again = packing.pack_plan(lengths, per_step, cap, seed=7, total_steps=total)
+    assert again == (micro, accum), "deterministic"
     # A large cap: one micro-batch per step.
-    assert sft.pack_plan(lengths, per_step, 10**6, seed=7, total_steps=total)[1] == 1
+    assert packing.pack_plan(lengths, per_step, 10**6, seed=7, total_steps=total)[1] == 1
 
 
 def test_split_by_tokens_balances_and_keeps_order():
     lengths = [100, 900, 300, 300, 200, 100]
-    bins = sft.split_by_tokens([5, 1, 0, 2, 3, 4], lengths, 2)
+    bins = packing.split_by_tokens([5, 1, 0, 2, 3, 4], lengths, 2)
     assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4, 5]
     loads = [sum(lengths[i] for i in b) for b in bins]
     assert sorted(loads) == [900, 1000]  # the best split of 1900 tokens
     order = [5, 1, 0, 2, 3, 4]
     assert all(b == sorted(b, key=order.index) for b in bins)
-    assert sft.split_by_tokens([3], lengths, 3) == [[3], [], []]
+    assert packing.split_by_tokens([3], lengths, 3) == [[3], [], []]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,12 +18,11 @@ import pandas as pd
 import pytest
 import torch
 from test_training_common import (
-    make_ctx,
     prepared_data,
     progress_lines,
     progress_steps,
     shared_store,
-    tiny_section,
+    tiny_ctx,
     tokenizer,
 )
 
@@ -35,8 +34,7 @@ SHORT = {"optim": {"max_steps": 4}, "log_every": 1, "checkpoint_every": 100}
 
 
 def _setup(tmp_path: Path, node: str, spec: sft.SFTSpec, **updates) -> C.NodeRun:
-    ctx = make_ctx(tmp_path, node, tiny_section(node, **{**SHORT, **updates}))
-    return sft.setup(ctx, spec)
+    return sft.setup(tiny_ctx(tmp_path, node, **{**SHORT, **updates}), spec)
 
 
 def _collated(run: C.NodeRun, n: int) -> tuple[list[dict], dict]:
@@ -131,9 +129,9 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_node_artifact_and_determinism(tmp_path):
     """Two runs with the same seed give identical adapters; the artifact holds what GGUF/eval need."""
-    sec = tiny_section("train_extractor", **{**SHORT, "optim": {"max_steps": 6}, "log_every": 2})
-    m1 = sft.build_extractor(make_ctx(tmp_path / "a", "train_extractor", sec))
-    m2 = sft.build_extractor(make_ctx(tmp_path / "b", "train_extractor", sec))
+    upd = {**SHORT, "optim": {"max_steps": 6}, "log_every": 2}
+    m1 = sft.build_extractor(tiny_ctx(tmp_path / "a", "train_extractor", **upd))
+    m2 = sft.build_extractor(tiny_ctx(tmp_path / "b", "train_extractor", **upd))
     a1, a2 = _adapter(tmp_path / "a" / "out"), _adapter(tmp_path / "b" / "out")
     assert a1.keys() == a2.keys() and all(torch.equal(a1[k], a2[k]) for k in a1)
     assert any(k.endswith("lora_B.weight") and a1[k].abs().sum() > 0 for k in a1)
@@ -150,6 +148,9 @@ def test_node_artifact_and_determinism(tmp_path):
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 4, 6]
+    acc = [r["mean_token_accuracy"] for r in steps]  # TRL's completion-token accuracy, first and last
+    assert all(0 <= a <= 1 for a in acc)
+    assert (m1["train_token_accuracy_first"], m1["train_token_accuracy_last"]) == (acc[0], acc[-1])
     assert all(
         r["tokens_per_second"] > 0 and r["grad_norm"] is not None and "learning_rate" in r for r in steps
     )
@@ -247,8 +248,7 @@ def test_resume_after_sigkill(tmp_path):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
     # The rerun (same scratch) resumes.
-    sec = tiny_section("train_extractor", **updates)
-    m = sft.build_extractor(make_ctx(tmp_path / "run", "train_extractor", sec))
+    m = sft.build_extractor(tiny_ctx(tmp_path / "run", "train_extractor", **updates))
     assert m["resumed_from_step"] >= killed_after >= 4
     assert m["steps"] == 24 and m["steps_this_run"] == 24 - m["resumed_from_step"] < 24
     log = [json.loads(x) for x in (tmp_path / "run" / "out" / "train_log.jsonl").read_text().splitlines()]
@@ -332,8 +332,9 @@ def test_unsloth_path_with_stand_in(tmp_path, monkeypatch):
     from dagtune import runtime as R
 
     monkeypatch.setattr(R, "resolve_backend", lambda runtime, device=None, gpus=1: "unsloth")
-    sec = tiny_section("train_function_calling", **{**SHORT, "optim": {"max_steps": 2}})
-    m = sft.build_function_calling(make_ctx(tmp_path, "train_function_calling", sec))
+    m = sft.build_function_calling(
+        tiny_ctx(tmp_path, "train_function_calling", **{**SHORT, "optim": {"max_steps": 2}})
+    )
     assert m["backend"] == "unsloth" and m["steps"] == 2
     assert calls["from_pretrained"]["full_finetuning"] is False
     assert calls["get_peft_model"]["r"] == 32 and calls["get_peft_model"]["lora_alpha"] == 64

@@ -165,17 +165,18 @@ class TrainLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records = read_records(self.path)
 
-    @property
-    def losses(self) -> list[float]:
-        return [r["loss"] for r in self.records if r.get("loss") is not None]
+    def first_last(self, key: str) -> tuple[Any, Any]:
+        """The first and the last logged value of ``key`` (None, None when none was logged)."""
+        values = [r[key] for r in self.records if r.get(key) is not None]
+        return (values[0], values[-1]) if values else (None, None)
 
     @property
     def first_loss(self) -> float | None:
-        return self.losses[0] if self.losses else None
+        return self.first_last("loss")[0]
 
     @property
     def last_loss(self) -> float | None:
-        return self.losses[-1] if self.losses else None
+        return self.first_last("loss")[1]
 
     def rewind(self, step: int) -> None:
         """Drop records past ``step`` (the killed attempt went on after its last checkpoint)."""

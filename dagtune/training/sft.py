@@ -32,14 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagtune.data.packing import (  # noqa: F401
-    PackedCollator,
-    pack_plan,
-    packed_row,
-    split_by_tokens,
-    step_groups,
-    with_labels,
-)
+from dagtune.data.packing import PackedCollator, pack_plan, packed_row, with_labels
 from dagtune.data.split import read_split
 from dagtune.runtime import (
     Loaded,
@@ -218,12 +211,8 @@ def train(ctx: Any, run: C.NodeRun) -> dict[str, Any]:
     """Train (resuming), then the validation loss and TRL's completion-token accuracy, first/last log."""
     m = C.run_training(ctx, run)
     m["val_loss"] = float(run.trainer.evaluate()["eval_loss"]) if run.n_val else None
-    acc = [
-        r["mean_token_accuracy"] for r in run.train_log.records if r.get("mean_token_accuracy") is not None
-    ]
-    m["train_token_accuracy_first"], m["train_token_accuracy_last"] = (
-        (acc[0], acc[-1]) if acc else (None, None)
-    )
+    first, last = run.train_log.first_last("mean_token_accuracy")
+    m["train_token_accuracy_first"], m["train_token_accuracy_last"] = first, last
     return m
 
 
