@@ -10,6 +10,10 @@ FINAL=${OUT:-$PWD/benchmarks/results/gpu_real_size}
 mkdir -p "$FINAL"
 source scripts/gpu_unpack.sh
 export DAGTUNE_GPU_UNPACKED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# llama-cpp-python's libraries, switched by the llama_cuda stage from the CPU build to the CUDA one.
+export LLAMA_LIB=${TMPDIR:-/tmp}/dagtune_llama_lib
+ln -sfn "$(python3 -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))')/lib" "$LLAMA_LIB"
+export LLAMA_CPP_LIB_PATH=$LLAMA_LIB
 L=${TMPDIR:-/tmp}/dagtune_lanes
 rm -rf "$L"; mkdir -p "$L/0" "$L/1"
 BUDGET=${BUDGET:-530}
@@ -17,7 +21,7 @@ CUDA_VISIBLE_DEVICES=0 OUT=$L/0 STAGES=${LANE0:-"build pipeline"} BUDGET=$BUDGET
 CUDA_VISIBLE_DEVICES=1 OUT=$L/1 STAGES=${LANE1:-"wait_models gen seed"} BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
 wait
 for f in 0/pipeline_real_size.json 0/pipeline_real_size.md 1/generation_throughput.json \
-  1/pipeline_seed_recipe.json 1/pipeline_seed_recipe.md 1/gpu_tests.log; do
+  1/pipeline_seed_recipe.json 1/pipeline_seed_recipe.md 1/gpu_tests.log 1/llama_cuda_libs.tar.xz; do
   [ -f "$L/$f" ] && cp "$L/$f" "$FINAL/"
 done
 tar -C "$L" -czf "$FINAL/logs.tgz" --exclude='*.state' 0 1

@@ -6,6 +6,7 @@
 #                 this machine's .venv (pip freeze), downloaded as cp312 manylinux wheels;
 #   llama.tar.xz  llama-cpp-python (a ctypes binding: its py3-none-linux wheel runs on any Python 3)
 #                 and the llama.cpp converter tools (convert_hf_to_gguf.py + gguf-py);
+#   llama_src.tar.xz  llama.cpp's sources for scripts/build_llama_cuda.sh (parity on the GPU);
 #   tok.tar.xz    .bench_tokenizers (the benchmarks' tokenizer cache) when present.
 # On the device (carry [".gpu_carry"]):  source scripts/gpu_unpack.sh
 # Device package list: /work/.library/device/KINDS.md (2026-11-17); packages there are not shipped.
@@ -82,5 +83,15 @@ cp -a "$tools" "$STAGE/llama/llama_cpp_tools"
 rm -rf "$OUTD"; mkdir -p "$OUTD"
 tar -C "$STAGE" -cf - site | xz -T0 -6 > "$OUTD/site.tar.xz"
 tar -C "$STAGE" -cf - llama | xz -T0 -6 > "$OUTD/llama.tar.xz"
+# llama.cpp's own sources (the sdist's vendor/llama.cpp without docs, models, tests, tools and the
+# backends other than CPU and CUDA: ~2.4 MB) for scripts/build_llama_cuda.sh on the GPU machine.
+sdist=$(ls .wheels/src/llama_cpp_python-*.tar.gz ~/.cache/dagtune/wheels/llama_cpp_python-*.tar.gz 2>/dev/null | head -1)
+mkdir -p "$STAGE/sdist" && tar -C "$STAGE/sdist" -xzf "$sdist"
+skip=(docs models tests examples tools benches media app gguf-py conversion scripts pocs skills grammars ci requirements)
+for b in sycl vulkan opencl metal cann hexagon et openvino webgpu virtgpu rpc musa hip zdnn kompute; do
+  skip+=("ggml/src/ggml-$b")
+done
+tar -C "$STAGE"/sdist/*/vendor -cf - "${skip[@]/#/--exclude=llama.cpp/}" --exclude='*.py' llama.cpp \
+  | xz -T0 -6 > "$OUTD/llama_src.tar.xz"
 [ -d .bench_tokenizers ] && tar -cf - .bench_tokenizers | xz -T0 -6 > "$OUTD/tok.tar.xz"
 du -sh "$OUTD"/*
