@@ -268,6 +268,9 @@ def _context(spec: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def main(argv: list[str]) -> int:
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (CUDA, llama.cpp) leaves every thread's stack in the log
     _die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     _route_child_logs(rank)

@@ -269,3 +269,29 @@ def test_compare_top1_near_ties():
     assert compare_top1(hf, np.array([1.0, 4.99, 5.0, 0.0]), 0.0)[1]["tie"] is False  # strict
     agree, flip = compare_top1(hf, np.array([9.0, 5.0, 4.9, 0.0]), 0.05)  # a real disagreement
     assert not agree and flip["llama_top"] == 0 and flip["hf_gap"] == 4.0 and not flip["tie"]
+
+
+def test_llama_loads_in_threads_keep_stdout(f16_gguf, tiny_model, prompts):
+    """convert_gguf checks its models in threads: llama-cpp-python's quiet load swaps fds 1 and 2, and two
+    at once used to leave the node's stdout (its log relay) on /dev/null."""
+    import os
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    from dagtune.gguf import parity
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    before = os.fstat(1), os.fstat(2), sys.stdout, sys.stderr
+
+    def load(_: int) -> None:
+        for _ in range(4):
+            parity._token_ids(tok, f16_gguf[0], prompts[:1])
+            parity._open_llama(f16_gguf[0], 256, 1, gpu=False).close()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(load, range(4)))
+    after = os.fstat(1), os.fstat(2), sys.stdout, sys.stderr
+    assert [(s.st_dev, s.st_ino) for s in after[:2]] == [(s.st_dev, s.st_ino) for s in before[:2]]
+    assert after[2:] == before[2:]

@@ -36,6 +36,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# llama-cpp-python's quiet mode swaps the process's stdout/stderr file descriptors while a Llama is built
+# (``suppress_stdout_stderr``): two threads doing it at once leave them pointing at /dev/null and can close
+# a descriptor another thread (the CUDA driver's) just opened. convert_gguf checks its models in threads.
+_LLAMA_LOCK = threading.Lock()
+
 
 def strip_leading_bos(text: str, bos_token: str | None) -> tuple[str, bool]:
     """Remove one leading BOS string (llama.cpp adds its own BOS; passing it again doubles it).
@@ -156,7 +161,8 @@ def _token_ids(tok: Any, gguf_file: Path, prompts: list[str]) -> tuple[list[list
         has_bos = bool(tok.bos_token) and p.startswith(tok.bos_token)
         hf_ids.append(list(tok(p, add_special_tokens=not has_bos)["input_ids"]))
         llama_texts.append(strip_leading_bos(p, tok.bos_token)[0])
-    vocab = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+    with _LLAMA_LOCK:
+        vocab = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
     try:
         ll_ids = [list(vocab.tokenize(t.encode("utf-8"), add_bos=True, special=True)) for t in llama_texts]
     finally:
@@ -323,16 +329,17 @@ def llama_offloads_to(device: str) -> bool:
 def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None, gpu: bool) -> Any:
     import llama_cpp
 
-    return llama_cpp.Llama(
-        model_path=str(gguf_file),
-        logits_all=True,
-        n_ctx=n_ctx,
-        n_batch=min(n_ctx, 2048),
-        n_threads=n_threads,
-        n_gpu_layers=-1 if gpu else 0,
-        seed=0,
-        verbose=False,
-    )
+    with _LLAMA_LOCK:
+        return llama_cpp.Llama(
+            model_path=str(gguf_file),
+            logits_all=True,
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 2048),
+            n_threads=n_threads,
+            n_gpu_layers=-1 if gpu else 0,
+            seed=0,
+            verbose=False,
+        )
 
 
 # transformers' loading patches torch globally: two loads at once in one process fail ("Cannot copy out
