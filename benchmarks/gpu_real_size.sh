@@ -20,6 +20,8 @@
 #             call returned, .gpu_carry/llama_cuda_libs.tar.xz); on success $LLAMA_LIB (llama-cpp-python's
 #             LLAMA_CPP_LIB_PATH, CPU libraries until then) is switched to it, so a convert_gguf that starts
 #             later checks parity on the GPU; the libraries go to $OUT for the next call's carry;
+#   parity    benchmarks/parity_real_size.py: convert_gguf's parity check at real size (FunctionGemma),
+#             llama.cpp on the GPU, alone and two at once (PARITY_VARIANTS);
 #   gpu_tests the GPU tests (pytest -m gpu; GPU_TESTS = the files), under what is left of $BUDGET.
 # Knobs (env): STAGES="build gen pipeline" BUDGET=585 T_GEN=120 GEN_N=512 GEN_SEQ=16 STEPS_CAP= WARM=
 #   PIPE_LIMIT= (seconds: the pipeline stage's own cap, to leave time for later stages)
@@ -92,6 +94,13 @@ for s in $STAGES; do
     else
       stamp "llama.cpp CUDA libraries unusable: parity stays on the CPU (see llama_cuda.log)"
     fi
+    ;;
+  parity)
+    lim=$(($(left) - 10))
+    stamp "parity at real size, llama.cpp on the GPU (limit ${lim}s)"
+    timeout -s INT -k 10 "$lim" python3 benchmarks/parity_real_size.py --model-root "$MODELS" \
+      --variants ${PARITY_VARIANTS:-gpu gpu2} --out "$OUT/parity_real_size.json" >"$OUT/parity_real_size.log" 2>&1
+    grep -aE '^\{"variant' "$OUT/parity_real_size.log" | cut -c1-600 | tee -a "$OUT/real_size.log"
     ;;
   gpu_tests)
     # The GPU tests (pytest -m gpu), most telling first; GPU_TESTS overrides the list.

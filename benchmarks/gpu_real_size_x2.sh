@@ -21,8 +21,8 @@ CUDA_VISIBLE_DEVICES=0 OUT=$L/0 STAGES=${LANE0:-"build pipeline"} BUDGET=$BUDGET
 CUDA_VISIBLE_DEVICES=1 OUT=$L/1 STAGES=${LANE1:-"wait_models gen seed"} BUDGET=$BUDGET bash benchmarks/gpu_real_size.sh &
 wait
 for f in 0/pipeline_real_size.json 0/pipeline_real_size.md 1/generation_throughput.json \
-  1/pipeline_seed_recipe.json 1/pipeline_seed_recipe.md 1/gpu_tests.log 1/llama_cuda_libs.tar.xz; do
+  1/pipeline_seed_recipe.json 1/pipeline_seed_recipe.md 1/gpu_tests.log 1/parity_real_size.json; do
   [ -f "$L/$f" ] && cp "$L/$f" "$FINAL/"
 done
-tar -C "$L" -czf "$FINAL/logs.tgz" --exclude='*.state' 0 1
+tar -C "$L" -czf "$FINAL/logs.tgz" --exclude='*.state' --exclude='*.tar.xz' 0 1
 cat "$L/0/real_size.log" "$L/1/real_size.log"
