@@ -44,12 +44,15 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$
 for s in $STAGES; do
   case $s in
   build)
+    # The three at once (each is one process writing its own directory): ~30 s instead of ~80.
     for m in functiongemma-270m gemma-3-1b phi-4-mini; do
       [ -f "$MODELS/$m/config.json" ] && continue
       stamp "build $m"
-      python3 benchmarks/train_throughput.py --_build $m "$MODELS/$m" --device cuda "${TOKS[@]}" \
-        >>"$OUT/build.log" 2>&1 || stamp "build $m FAILED (see build.log)"
+      ( python3 benchmarks/train_throughput.py --_build $m "$MODELS/$m" --device cuda "${TOKS[@]}" \
+          >>"$OUT/build_$m.log" 2>&1 || stamp "build $m FAILED (see build_$m.log)" ) &
     done
+    wait
+    stamp "models built"
     touch "$MODELS/.built"
     ;;
   wait_models)

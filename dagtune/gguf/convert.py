@@ -249,11 +249,6 @@ def prepare_export_dir(
 # ----------------------------------------------------------------------------------------------
 # GGUF inspection
 # ----------------------------------------------------------------------------------------------
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def inspect_gguf(gguf_file: Path) -> dict[str, Any]:
     """Tokenizer and size facts of a GGUF file, for checks and manifests.
 
@@ -263,11 +258,13 @@ def inspect_gguf(gguf_file: Path) -> dict[str, Any]:
         ``special_tokens_not_control`` (``<...>``-looking tokens that are not CONTROL, e.g. a broken
         ``<start_of_turn>``).
     """
-    from gguf import GGUFReader
+    from math import prod
 
-    reader = GGUFReader(str(gguf_file), "r")
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    types = _field(reader, "tokenizer.ggml.token_type") or []
+    from dagtune.gguf.header import read_gguf_header
+
+    meta, tensors = read_gguf_header(Path(gguf_file))
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    types = meta.get("tokenizer.ggml.token_type") or []
     control = [t for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_TYPE_CONTROL]
     suspicious = [
         t
@@ -279,17 +276,16 @@ def inspect_gguf(gguf_file: Path) -> dict[str, Any]:
         and not t.startswith("<0x")
         and not t.startswith("<unused")
     ]
-    arch = _field(reader, "general.architecture")
     return {
-        "architecture": arch,
-        "file_type": _field(reader, "general.file_type"),
-        "n_params": int(sum(int(t.n_elements) for t in reader.tensors)),
+        "architecture": meta.get("general.architecture"),
+        "file_type": meta.get("general.file_type"),
+        "n_params": int(sum(prod(shape) for _, shape in tensors)),
         "size_bytes": Path(gguf_file).stat().st_size,
         "n_vocab": len(tokens),
-        "has_chat_template": bool(_field(reader, "tokenizer.chat_template")),
-        "add_bos": _field(reader, "tokenizer.ggml.add_bos_token"),
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "has_chat_template": bool(meta.get("tokenizer.chat_template")),
+        "add_bos": meta.get("tokenizer.ggml.add_bos_token"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "control_tokens": control,
         "special_tokens_not_control": suspicious,
     }
