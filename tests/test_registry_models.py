@@ -111,3 +111,26 @@ def test_gguf_pyfunc_with_real_llama_cpp(tracker, base_dir, tmp_path):
     out = model.predict(["hello world", [{"role": "user", "content": "hello"}]])
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
     assert model.predict("hello world") == model.predict("hello world")  # greedy: deterministic
+
+
+def test_logging_stores_the_example_without_loading_the_model(tracker, tmp_path, monkeypatch):
+    """MLflow would load the model and predict on its input example while logging it (at real size a
+    Phi-4-mini load and adapter merge inside the register node): the example and signature are stored,
+    the model is not loaded."""
+    from mlflow.models import Model
+
+    marker = tmp_path / "loaded"
+    (tmp_path / "probe_loader.py").write_text(
+        f"def load(path):\n    open({str(marker)!r}, 'w').close()\n    raise RuntimeError('probe')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "clf").mkdir()
+    info = mdl.log_classifier_model(_run(tracker), tmp_path / "clf", loader="probe_loader:load")
+    assert not marker.exists(), "logging loaded the model"
+    logged = Model.load(info.model_uri)
+    assert logged.signature is not None
+    example = logged.load_input_example(mlflow.artifacts.download_artifacts(info.model_uri))
+    assert list(example.columns) == list(mdl.input_example("classifier").columns)
+    with pytest.raises(RuntimeError, match="probe"):
+        mlflow.pyfunc.load_model(info.model_uri)
+    assert marker.exists()
