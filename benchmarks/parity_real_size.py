@@ -42,14 +42,12 @@ def child(variant: str, model: str, gguf: str, n: int, tokens: int, new_tokens: 
 
     import dagtune.gguf.parity as parity
 
-    if variant == "cpu":
-        parity.llama_offloads_to = lambda device: False
     ps = prompts(n, tokens)
 
     def one(_: int) -> dict:
         r = parity.parity_check(
             Path(model), Path(gguf), ps, max_new_tokens=new_tokens, top1_tie_tolerance=0.05,
-            device=os.environ.get("PARITY_DEVICE", "cuda"), n_threads=8, greedy_prompts=n,
+            device=os.environ.get("PARITY_DEVICE", "cuda"), n_threads=8, greedy_prompts=n, llama_gpu=variant != "cpu",
         )  # fmt: skip
         return {k: r[k] for k in ("seconds", "phase_seconds", "llama_device", "top1_agreement_all_positions",
                                   "greedy_exact_match_rate", "n_positions", "passed")}  # fmt: skip

@@ -522,6 +522,13 @@ class ConvertGgufConfig(Section):
         default_factory=lambda: ["function_calling", "extractor"],
         description="Which generative models to export.",
     )
+    parity_llama_gpu: bool = F(
+        False,
+        "Run llama.cpp's side of the parity check on the GPU (needs llama-cpp-python built with "
+        "CMAKE_ARGS=-DGGML_CUDA=on, scripts/build_llama_cuda.sh). Off: on the H200 machine this project "
+        "measures on, a CUDA build crashed (SIGSEGV) loading the model in a process holding torch's CUDA "
+        "context. On the CPU, parity costs about 1-2 minutes per real-size model.",
+    )
 
 
 class PromotionGate(Section):

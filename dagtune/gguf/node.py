@@ -117,6 +117,7 @@ def _export(ctx: NodeContext, model: str, device: str, n_threads: int) -> tuple[
             device=device,
             n_threads=n_threads,
             greedy_prompts=cfg.greedy_prompts,
+            llama_gpu=cfg.parity_llama_gpu,
         )
         files[qtype] = {
             "file": target.relative_to(ctx.out).as_posix(),

@@ -538,6 +538,7 @@ def parity_check(
     n_threads: int | None = None,
     max_mismatch_records: int = 20,
     greedy_prompts: int | None = None,
+    llama_gpu: bool = False,
 ) -> dict[str, Any]:
     """Compare an HF model directory (float32, eager attention, on ``device``; TF32 off) with its GGUF
     export on ``prompts`` (checks (a)-(d) of the module doc; ``chats``, the conversations ``prompts``
@@ -545,7 +546,8 @@ def parity_check(
     agreement over all prompt positions (near-ties within ``top1_tie_tolerance`` count as agreement)
     >= ``min_top1_agreement``, and where set the greedy exact-match rate >= ``min_greedy_exact_match``
     and (d)'s rate >= ``min_template_greedy_match``; (c) runs on the first ``greedy_prompts`` (all when
-    None). Returns a flat dict for a manifest: the rates and
+    None). ``llama_gpu`` offloads llama.cpp's side to the GPU when the HF side is on CUDA and
+    llama-cpp-python has a GPU backend. Returns a flat dict for a manifest: the rates and
     logit differences above (``top1_agreement_all_positions[_ties_ok]``, ``n_positions``, last-position
     ``top1_agreement[_ties_ok]``, ``greedy_exact_match_rate``, ``template_*``...), ``passed``,
     ``failures`` (reasons), ``seconds`` and up to ``max_mismatch_records`` ``token_id_mismatches``."""
@@ -569,11 +571,13 @@ def parity_check(
     n_ctx = max(256, max(len(x) for x in ll_ids_all) + max_new_tokens + 16)
     if chats is not None:
         n_ctx += 256  # a rendering by another template may be a little longer
-    gpu = llama_offloads_to(device)
-    if device.startswith("cuda") and not gpu:
+    gpu = llama_gpu and llama_offloads_to(device)
+    if llama_gpu and not gpu:
         logger.warning(
-            "llama-cpp-python has no GPU backend: the parity check runs llama.cpp on the CPU (minutes per "
-            "model at real size); build it with CMAKE_ARGS=-DGGML_CUDA=on (scripts/build_llama_cuda.sh)"
+            "llama.cpp on the GPU was asked for, but the HF side is on %s or llama-cpp-python has no GPU "
+            "backend: the parity check runs llama.cpp on the CPU (build it with CMAKE_ARGS=-DGGML_CUDA=on, "
+            "scripts/build_llama_cuda.sh)",
+            device,
         )
     with clock.phase("load_llama"):
         llm = _open_llama(gguf_file, n_ctx, n_threads, gpu)
