@@ -89,6 +89,16 @@ def memory_batch_size(
     return max(1, min(cap, fit))
 
 
+# Plain greedy decoding whatever a model's generation_config samples with.
+GREEDY: dict[str, Any] = {
+    "do_sample": False,
+    "num_beams": 1,
+    "top_k": None,
+    "top_p": None,
+    "temperature": None,
+}
+
+
 class _StopOnStrings:
     """Per-row stopping criterion for ``model.generate``: True for a row whose new tokens contain one of
     ``stops``. Only a short window of the newest tokens is decoded each step: an occurrence that ends
@@ -253,11 +263,7 @@ class Generator:
         with torch.inference_mode():
             gen = self.model.generate(
                 **enc,
-                do_sample=False,
-                num_beams=1,
-                top_k=None,
-                top_p=None,
-                temperature=None,
+                **GREEDY,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.stop_ids,
                 pad_token_id=tok.pad_token_id,

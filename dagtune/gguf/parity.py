@@ -206,6 +206,8 @@ def _hf_greedy_batch(
     token."""
     import torch
 
+    from dagtune.evaluation.generate import GREEDY
+
     dev = next(model.parameters()).device
     out: list[list[int]] = []
     for at in range(0, len(ids_all), batch):
@@ -217,11 +219,7 @@ def _hf_greedy_batch(
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                do_sample=False,
-                num_beams=1,
-                top_k=None,
-                top_p=None,
-                temperature=None,
+                **GREEDY,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=sorted(stop),
                 pad_token_id=pad_id,
