@@ -59,7 +59,16 @@ MODELS = {
     "train_extractor": ("gemma-3-1b", "tiny-gemma3", "extractor"),
     "train_classifier": ("phi-4-mini", "tiny-phi3", "classifier"),
 }
-PHASES = ("load_s", "first_step_s", "steady_s", "merge_s", "save_s")
+PHASES = (
+    "load_s",
+    "prepare_s",
+    "first_step_s",
+    "steady_s",
+    "checkpoint_s",
+    "validate_s",
+    "merge_s",
+    "save_s",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,9 +412,9 @@ def markdown_table(run: dict[str, Any]) -> str:
     lines = [
         f"{run['label']} run: DAG {run['dag_wall_s']} s, ok {run['ok']}",
         "",
-        "| node | status | wall s | load s | first step (compile) s | steady s | merge s | save s "
-        "| steady tok/s | peak GiB | GPU busy | other |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| node | status | wall s | load s | prepare s | first step (compile) s | steady s | checkpoints s "
+        "| validate s | merge s | save s | steady tok/s | peak GiB | GPU busy | other |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, n in run["nodes"].items():
         ph = n.get("phases") or {}

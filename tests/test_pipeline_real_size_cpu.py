@@ -61,7 +61,9 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
     assert run["gpu"]["samples"] == 0 and run["gpu"]["error"]
     for name in ("train_function_calling", "train_extractor", "train_classifier"):
         node = run["nodes"][name]
-        assert set(node["phases"]) == {"load_s", "first_step_s", "steady_s", "merge_s", "save_s"}
+        assert set(node["phases"]) == {"load_s", "prepare_s", "first_step_s", "steady_s", "checkpoint_s",
+                                       "validate_s", "merge_s", "save_s"}  # fmt: skip
+        assert all(node["phases"][k] > 0 for k in ("load_s", "prepare_s", "first_step_s", "validate_s")), name
         assert node["compile_s"] == node["phases"]["first_step_s"]
     assert run["nodes"]["evaluate"]["evaluation_s"] > 0
     gguf = run["nodes"]["convert_gguf"]

@@ -251,10 +251,11 @@ def setup(ctx: Any, rt: Runtime, train_df: Any, val_df: Any) -> C.NodeRun:
     timer = C.StepTimer(rt.device)
     loaded, train_log = C.load(ctx, rt, timer, loader="FastLanguageModel", task_type=None)
     tok, max_len = loaded.tokenizer, ctx.section.model.max_seq_length
-    full = encode(tok, list(train_df["prompt"]), None)
-    train = Encoded([x[-max_len:] for x in full], [int(v) for v in train_df["label"]])
-    val = Encoded(encode(tok, list(val_df["prompt"]), max_len), [int(v) for v in val_df["label"]])
-    run = build_trainer(ctx, rt, loaded, train, val, timer, train_log)
+    with timer.phase("prepare_s"):
+        full = encode(tok, list(train_df["prompt"]), None)
+        train = Encoded([x[-max_len:] for x in full], [int(v) for v in train_df["label"]])
+        val = Encoded(encode(tok, list(val_df["prompt"]), max_len), [int(v) for v in val_df["label"]])
+        run = build_trainer(ctx, rt, loaded, train, val, timer, train_log)
     run.stats["train_truncated"] = sum(len(x) > max_len for x in full)
     return run
 
@@ -284,9 +285,8 @@ def _save(ctx: Any, run: C.NodeRun, ref_df: Any) -> dict[str, Any]:
     model.eval()
     texts, ids = list(ref_df["prompt"][:N_REFERENCE]), list(ref_df["id"][:N_REFERENCE])
     ref = {"ids": ids, "texts": texts, "logits": model.logits(texts).tolist()}
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE)
-    )
+    head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+    save_file(head, str(out / HEAD_FILE))
     conf = {
         "format": 1, "architecture": "LastTokenClassifier", "pooling": "last_non_pad_token",
         "base_model": cfg.model.name, "base_model_path": run.loaded.model_path,
@@ -311,7 +311,8 @@ def build_classifier(ctx: Any) -> dict[str, Any]:
         train_df, val_df = (read_split(data_dir, "classifier", s) for s in ("train", "validation"))
         run = setup(ctx, rt, train_df, val_df)
         metrics = C.run_training(ctx, run, CHECKPOINT_FILES)
-        metrics.update(_final_evaluation(ctx, run))
+        with run.timer.phase("validate_s"):
+            metrics.update(_final_evaluation(ctx, run))
         if ddp.is_main():  # under torchrun the other ranks only trained and evaluated
             metrics.update(_save(ctx, run, val_df if len(val_df) else train_df))
         ddp.wait_for_main()

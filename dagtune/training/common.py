@@ -26,7 +26,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,8 @@ def last_checkpoint(
     the node holds the key's lock, nobody else writes there) and the previous one is used."""
     if not directory.is_dir():
         return None
-    cands = sorted(
-        (p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) >= 0), key=checkpoint_step
-    )
-    for p in reversed(cands):
+    cands = [p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) >= 0]
+    for p in sorted(cands, key=checkpoint_step, reverse=True):
         if checkpoint_complete(p, required):
             return p
         if remove_incomplete:
@@ -358,16 +357,16 @@ def node_callbacks(node: str, train_log: TrainLog, timer: StepTimer) -> list[Any
 # ----------------------------------------------------------------------------------------------
 class StepTimer:
     """The public timing hook of a training node (its ``callback()`` goes into the Trainer): wall time of
-    the first optimizer step (compilation, autotuning: it ends with a device synchronize), of the steady
-    steps after it, the non-pad tokens they saw, and the peak GPU memory from the first step on. The node
-    adds load/merge/save times; ``timings()`` is the manifest's ``timings``. ``sync_every_step`` (for
-    benchmarks) synchronizes after every step so each one's time is its own; in-loop evaluations and
-    checkpoints count into the steady time (a benchmark has none)."""
+    the first optimizer step (compile, autotune; ends with a device synchronize), of the steady steps after
+    it, their non-pad tokens, peak GPU memory; the node's ``phase``s (load, prepare, validate, merge,
+    save); checkpoint writes, from the end of the step before (they also count into the steady time).
+    ``sync_every_step`` (benchmarks) synchronizes after every step so each one's time is its own."""
 
     def __init__(self, device: str, sync_every_step: bool = False):
         self.device = device
         self.sync_every_step = sync_every_step
-        self.phases: dict[str, float | None] = {"load_s": None, "merge_s": None, "save_s": None}
+        phases = ("load_s", "prepare_s", "checkpoint_s", "validate_s", "merge_s", "save_s")
+        self.phases: dict[str, float | None] = dict.fromkeys(phases)  # prepare: tokenize, build trainer
         self.t0: float | None = None
         self.t_end: float | None = None
         self.ends: list[float] = []
@@ -392,6 +391,15 @@ class StepTimer:
     def step_end(self, tokens: int = 0) -> None:
         self.ends.append(self._sync() if self.sync_every_step or not self.ends else time.perf_counter())
         self.tokens.append(tokens)
+
+    def add(self, phase: str, since: float) -> None:
+        self.phases[phase] = (self.phases[phase] or 0.0) + time.perf_counter() - since
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.add(name, t)
 
     def train_end(self) -> None:
         self.t_end = self._sync()
@@ -430,6 +438,9 @@ class StepTimer:
 
             def on_step_end(self, args, state, control, **kw):
                 timer.step_end(state.num_input_tokens_seen)
+
+            def on_save(self, args, state, control, **kw):
+                timer.add("checkpoint_s", timer.ends[-1])
 
             def on_train_end(self, args, state, control, **kw):
                 timer.train_end()
@@ -472,11 +483,10 @@ def load(ctx: Any, rt: Runtime, timer: StepTimer, **kw: Any) -> tuple[Loaded, Tr
     """Base + LoRA through the runtime (timed), and the node's train log in its scratch directory."""
     from dagtune.models import resolve_model
 
-    t = time.perf_counter()
     model = ctx.section.model  # under torchrun rank 0 builds or downloads the base model, then the others
-    ddp.main_first(lambda: resolve_model(model.name, ctx.store, model.revision))
-    loaded = rt.load_lora(ctx.section, ctx.store, **kw)
-    timer.phases["load_s"] = time.perf_counter() - t
+    with timer.phase("load_s"):
+        ddp.main_first(lambda: resolve_model(model.name, ctx.store, model.revision))
+        loaded = rt.load_lora(ctx.section, ctx.store, **kw)
     return loaded, TrainLog(ctx.scratch / TRAIN_LOG)
 
 
@@ -524,18 +534,16 @@ def run_training(ctx: Any, run: NodeRun, required: tuple[str, ...] = HF_CHECKPOI
 def save_adapter(ctx: Any, run: NodeRun, stop_ids: list[int] | None = None) -> dict[str, Any]:
     """adapter/, tokenizer/, train_log.jsonl, and merged/ (16-bit for GGUF; fp32 on CPU) through the
     runtime; the training copy of the model is dropped before the hf merge reloads the base."""
-    t = time.perf_counter()
     out, section = ctx.out, ctx.section
-    run.loaded.model.save_pretrained(str(out / "adapter"))
-    run.loaded.tokenizer.save_pretrained(str(out / "tokenizer"))
-    shutil.copyfile(run.train_log.path, out / TRAIN_LOG)
-    run.timer.phases["save_s"] = time.perf_counter() - t
+    with run.timer.phase("save_s"):
+        run.loaded.model.save_pretrained(str(out / "adapter"))
+        run.loaded.tokenizer.save_pretrained(str(out / "tokenizer"))
+        shutil.copyfile(run.train_log.path, out / TRAIN_LOG)
     merged_dtype = run.rt.merged_dtype(section)
     if section.save_merged:
-        t = time.perf_counter()
         run.trainer = None
-        run.rt.save_merged(run.loaded, out / "adapter", out / "merged", merged_dtype, stop_ids)
-        run.timer.phases["merge_s"] = time.perf_counter() - t
+        with run.timer.phase("merge_s"):
+            run.rt.save_merged(run.loaded, out / "adapter", out / "merged", merged_dtype, stop_ids)
     return {"merged_dtype": dtype_name(merged_dtype) if section.save_merged else None}
 
 

@@ -34,14 +34,7 @@ from typing import Any
 
 from dagtune.data.packing import PackedCollator, pack_plan, packed_row, with_labels
 from dagtune.data.split import read_split
-from dagtune.runtime import (
-    Loaded,
-    Runtime,
-    count_parameters,
-    key_inputs_for,
-    stop_token_ids,
-    unsloth_module,
-)
+from dagtune.runtime import Loaded, Runtime, count_parameters, key_inputs_for, stop_token_ids, unsloth_module
 from dagtune.training import common as C
 from dagtune.training import ddp
 
@@ -192,15 +185,14 @@ def setup(ctx: Any, spec: SFTSpec, rt: Runtime | None = None) -> C.NodeRun:
     loaded, train_log = C.load(ctx, rt, timer, loader=spec.unsloth_loader)
     trainable, total_params = count_parameters(loaded.model)
     max_len = cfg.model.max_seq_length
-    train_rows, train_stats = tokenize_prompt_completion(
-        loaded.tokenizer, train_df["prompt"], train_df["completion"], max_len
-    )
-    val_rows, val_stats = tokenize_prompt_completion(
-        loaded.tokenizer, val_df["prompt"], val_df["completion"], max_len
-    )
-    ckpt_dir = ctx.scratch / "checkpoints"
-    callbacks = C.node_callbacks(ctx.name, train_log, timer)
-    built = build_trainer(cfg, spec, rt, loaded, train_rows, val_rows, ckpt_dir, callbacks)
+    with timer.phase("prepare_s"):
+        (train_rows, train_stats), (val_rows, val_stats) = (
+            tokenize_prompt_completion(loaded.tokenizer, df["prompt"], df["completion"], max_len)
+            for df in (train_df, val_df)
+        )
+        ckpt_dir = ctx.scratch / "checkpoints"
+        callbacks = C.node_callbacks(ctx.name, train_log, timer)
+        built = build_trainer(cfg, spec, rt, loaded, train_rows, val_rows, ckpt_dir, callbacks)
     stats = {"train_truncated": train_stats["truncated"], "train_dropped": train_stats["dropped"],
              "val_truncated": val_stats["truncated"], **built.stats}  # fmt: skip
     return C.NodeRun(rt, loaded, built.trainer, train_log, timer, ckpt_dir, len(train_rows), len(val_rows),
@@ -210,7 +202,8 @@ def setup(ctx: Any, spec: SFTSpec, rt: Runtime | None = None) -> C.NodeRun:
 def train(ctx: Any, run: C.NodeRun) -> dict[str, Any]:
     """Train (resuming), then the validation loss and TRL's completion-token accuracy, first/last log."""
     m = C.run_training(ctx, run)
-    m["val_loss"] = float(run.trainer.evaluate()["eval_loss"]) if run.n_val else None
+    with run.timer.phase("validate_s"):
+        m["val_loss"] = float(run.trainer.evaluate()["eval_loss"]) if run.n_val else None
     first, last = run.train_log.first_last("mean_token_accuracy")
     m["train_token_accuracy_first"], m["train_token_accuracy_last"] = first, last
     return m
