@@ -267,10 +267,21 @@ def _context(spec: dict[str, Any]) -> tuple[Any, Any]:
     return getattr(importlib.import_module(mod), fn), ctx
 
 
-def main(argv: list[str]) -> int:
+_CRASH_LOG: Any = None
+
+
+def _dump_stacks_on_crash() -> None:
+    """A crash in native code (CUDA, llama.cpp) leaves every thread's stack in the node's log, written
+    through a copy of stderr's descriptor: llama-cpp-python points fd 2 at /dev/null while it loads."""
     import faulthandler
 
-    faulthandler.enable()  # a crash in native code (CUDA, llama.cpp) leaves every thread's stack in the log
+    global _CRASH_LOG
+    _CRASH_LOG = os.fdopen(os.dup(2), "w")
+    faulthandler.enable(file=_CRASH_LOG)
+
+
+def main(argv: list[str]) -> int:
+    _dump_stacks_on_crash()
     _die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
     _route_child_logs(rank)

@@ -34,3 +34,12 @@ def out_of_memory(ctx):
     import torch
 
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def native_crash_with_stderr_silenced(ctx):
+    """What llama-cpp-python's quiet load does (fd 2 on /dev/null) when native code then crashes."""
+    import faulthandler
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    faulthandler._sigsegv()

@@ -73,3 +73,11 @@ def test_child_failure_is_one_clear_node_failure(state_dir, monkeypatch, build, 
         assert "Traceback" in str(err.value)
         kept = list((cfg.artifact_root / ".scratch").glob(f"{NODE}-*/node-failed.log"))
         assert kept and "boom in the child" in kept[0].read_text()
+
+
+def test_native_crash_leaves_the_stacks_in_the_log_even_with_stderr_silenced(state_dir, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(NodeProcessError, match="killed by SIGSEGV") as err:
+        _run(monkeypatch, "native_crash_with_stderr_silenced")
+    assert "Fatal Python error: Segmentation fault" in str(err.value)
+    assert "native_crash_with_stderr_silenced" in str(err.value)  # the crashing function's frame
