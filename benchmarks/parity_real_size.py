@@ -36,7 +36,7 @@ def child(variant: str, model: str, gguf: str, n: int, tokens: int, new_tokens: 
     import logging
     from concurrent.futures import ThreadPoolExecutor
 
-    faulthandler.enable()
+    faulthandler.enable(file=os.fdopen(os.dup(2), "w"))  # llama-cpp-python silences fd 2 while loading
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
