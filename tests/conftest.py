@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,10 +53,37 @@ def state_dir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def built_pipeline(tmp_path_factory):
+def _fast_pipeline(tmp_path_factory):
+    """The fast tiny pipeline built once through the CLI: (state dir, its config, the run's JSON, a copy
+    of its artifacts taken right after the build, before any test changes that state)."""
+    from tests.test_flow import _run_json, fast_config
+
+    root = tmp_path_factory.mktemp("flow")
+    state, config = root / "state", fast_config(root)
+    first = _run_json(state, "--config", str(config))
+    pristine = tmp_path_factory.mktemp("flow-pristine") / "artifacts"
+    shutil.copytree(state / "artifacts", pristine, symlinks=True)
+    return state, config, first, pristine
+
+
+@pytest.fixture(scope="session")
+def built_pipeline(_fast_pipeline):
     """One fast tiny pipeline built through the CLI (tests/test_flow.py's FAST config), shared by
     tests/test_flow.py and tests/test_stack.py so CI builds it once: (state dir, the run's JSON)."""
-    from tests.test_flow import _run_json
+    state, _, first, _ = _fast_pipeline
+    return state, first
 
-    state = tmp_path_factory.mktemp("flow") / "state"
-    return state, _run_json(state)
+
+@pytest.fixture(scope="session")
+def copy_of_built_pipeline(_fast_pipeline):
+    """Copies the fast pipeline's artifacts as first built into ``<dir>/state/artifacts`` (no MLflow
+    store, no Prefect records): returns (that state dir, the build's config). Every node run there with
+    that config is cached (CI time); register, forced, fills that state's own MLflow store."""
+    _, config, _, pristine = _fast_pipeline
+
+    def copy(into: Path) -> tuple[Path, Path]:
+        state = into / "state"
+        shutil.copytree(pristine, state / "artifacts", symlinks=True)
+        return state, config
+
+    return copy

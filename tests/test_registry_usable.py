@@ -3,7 +3,9 @@ function caller, extractor and classifier loaded from the registry by alias pred
 node predicted on the same test rows (greedy decoding both ways; the classifier within 1e-5).
 
 The registry is built by the pipeline's real nodes on the tiny profile (made smaller as in
-test_flow.py: two training steps), on a real MLflow SQLite store, through the real register node.
+test_flow.py: two training steps), on a real MLflow SQLite store, through the real register node: the
+nodes up to evaluate are the ones tests/test_flow.py's CLI run built (copied, served from the cache),
+register runs here, forced (in its own process, as every model-loading node).
 Two training steps rarely beat the base, so the gate usually leaves ``champion`` unset: each model is
 loaded by ``@champion`` when the gate promoted this run's version, by ``@challenger`` otherwise."""
 
@@ -22,15 +24,16 @@ from dagtune.config import load_config
 from dagtune.data.split import read_split
 from dagtune.evaluation.tasks import subsample
 from dagtune.formats import END_CALL, parse_eq, parse_function_calls
-from tests.test_flow import FAST
 
 pytestmark = pytest.mark.slow
 MODELS = ("function_calling", "extractor", "classifier")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    state = tmp_path_factory.mktemp("usable") / "state"
+def built(tmp_path_factory, copy_of_built_pipeline):
+    # The fast pipeline's artifacts as tests/test_flow.py built them (conftest.py): every node up to
+    # evaluate is cached here; register builds this state's own SQLite registry in-process.
+    state, config = copy_of_built_pipeline(tmp_path_factory.mktemp("usable"))
     saved = {
         k: os.environ.get(k) for k in ("DAGTUNE_STATE_DIR", "DAGTUNE_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI")
     }
@@ -38,11 +41,15 @@ def built(tmp_path_factory):
     for k in ("DAGTUNE_ARTIFACT_ROOT", "MLFLOW_TRACKING_URI"):
         os.environ.pop(k, None)
     try:
-        cfg = load_config(profile="tiny", overrides=FAST)
+        cfg = load_config(config)
         arts = {}
         for name in pipeline.NODE_ORDER:
             node = pipeline.NODES[name]
-            arts[name], _ = pipeline.run_node(name, cfg, {u: arts[u] for u in node.upstream})
+            # register is forced: this state has no MLflow store yet (the copy holds artifacts only)
+            arts[name], res = pipeline.run_node(
+                name, cfg, {u: arts[u] for u in node.upstream}, force=name == "register"
+            )
+            assert (res.status == "ran") is (name == "register"), (name, res.status)  # same keys as the CLI
         # register ran in its own process: this one sets both URIs itself (an earlier test's server may
         # still be the process-wide registry URI)
         mlflow.set_tracking_uri(cfg.tracking_uri)
