@@ -317,3 +317,10 @@ def test_gguf_header_reader_matches_gguf_py(f16_gguf, tmp_path):
     bad.write_bytes(f16_gguf[0].read_bytes()[:4096])
     with pytest.raises(GGUFFormatError, match="truncated"):
         read_gguf_header(bad)
+
+
+def test_llama_gpu_asked_for_but_unavailable_says_so(f16_gguf, tiny_model, prompts, caplog):
+    caplog.set_level(logging.WARNING, logger="dagtune.gguf.parity")
+    r = parity_check(tiny_model, f16_gguf[0], prompts[:2], max_new_tokens=2, llama_gpu=True)
+    assert r["llama_device"] == "cpu" and set(r["phase_seconds"]) >= {"llama_eval", "hf_forward"}
+    assert any("llama.cpp on the GPU was asked for" in m for m in caplog.messages)
