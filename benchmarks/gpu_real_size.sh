@@ -21,7 +21,7 @@
 #             LLAMA_CPP_LIB_PATH, CPU libraries until then) is switched to it, so a convert_gguf that starts
 #             later checks parity on the GPU; the libraries go to $OUT for the next call's carry;
 #   parity    benchmarks/parity_real_size.py: convert_gguf's parity check at real size (FunctionGemma),
-#             llama.cpp on the GPU, alone and two at once (PARITY_VARIANTS);
+#             llama.cpp on the GPU without torch, beside torch, two at once (PARITY_VARIANTS);
 #   gpu_tests the GPU tests (pytest -m gpu; GPU_TESTS = the files), under what is left of $BUDGET.
 # Knobs (env): STAGES="build gen pipeline" BUDGET=585 T_GEN=120 GEN_N=512 GEN_SEQ=16 STEPS_CAP= WARM=
 #   PIPE_LIMIT= (seconds: the pipeline stage's own cap, to leave time for later stages)
@@ -102,7 +102,7 @@ for s in $STAGES; do
     lim=$(($(left) - 10))
     stamp "parity at real size, llama.cpp on the GPU (limit ${lim}s)"
     timeout -s INT -k 10 "$lim" python3 benchmarks/parity_real_size.py --model-root "$MODELS" \
-      --variants ${PARITY_VARIANTS:-gpu gpu2} --out "$OUT/parity_real_size.json" >"$OUT/parity_real_size.log" 2>&1
+      --variants ${PARITY_VARIANTS:-llama_only gpu gpu2} --out "$OUT/parity_real_size.json" >"$OUT/parity_real_size.log" 2>&1
     grep -aE '^\{"variant' "$OUT/parity_real_size.log" | cut -c1-600 | tee -a "$OUT/real_size.log"
     ;;
   gpu_tests)

@@ -6,6 +6,8 @@ variant in its own process (faulthandler on, so a native crash names its stack):
   gpu      llama.cpp offloaded (needs LLAMA_CPP_LIB_PATH = a CUDA build, scripts/build_llama_cuda.sh)
   gpu2     two checks at once in two threads of one process, as the convert_gguf node runs its models
   cpu      llama.cpp on the CPU (the HF side stays on the GPU)
+  llama_only  llama.cpp on the GPU in a process that never imports torch (evaluates the prompts only):
+           tells a llama.cpp CUDA problem from a clash with torch's CUDA context
 Writes JSON with each variant's seconds per phase.
 """
 
@@ -31,6 +33,22 @@ def prompts(n: int, tokens: int) -> list[str]:
     return out
 
 
+def llama_only(gguf: str, texts: list[str]) -> dict:
+    import llama_cpp
+
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=gguf, logits_all=True, n_ctx=1024, n_batch=1024, n_gpu_layers=-1, verbose=True
+    )
+    loaded = time.perf_counter() - t
+    t = time.perf_counter()
+    for text in texts:
+        llm.reset()
+        llm.eval(llm.tokenize(text.removeprefix("<bos>").encode(), add_bos=True, special=True))
+    return {"variant": "llama_only", "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+            "load_s": round(loaded, 3), "eval_s": round(time.perf_counter() - t, 3), "prompts": len(texts)}  # fmt: skip
+
+
 def child(variant: str, model: str, gguf: str, n: int, tokens: int, new_tokens: int) -> dict:
     import faulthandler
     import logging
@@ -38,6 +56,8 @@ def child(variant: str, model: str, gguf: str, n: int, tokens: int, new_tokens: 
 
     faulthandler.enable(file=os.fdopen(os.dup(2), "w"))  # llama-cpp-python silences fd 2 while loading
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if variant == "llama_only":
+        return llama_only(gguf, prompts(n, tokens))
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import dagtune.gguf.parity as parity
@@ -63,7 +83,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--variants", nargs="+", default=["gpu", "gpu2", "cpu"])
+    ap.add_argument("--variants", nargs="+", default=["llama_only", "gpu", "gpu2", "cpu"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/parity_real_size.json"))
     ap.add_argument("--_child", nargs=6, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
