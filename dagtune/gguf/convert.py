@@ -354,13 +354,8 @@ def convert_hf_to_gguf(
         raise RuntimeError(f"convert_hf_to_gguf.py failed (rc={proc.returncode}):\n{tail}")
     os.replace(tmp_out, out_file)
     info = inspect_gguf(out_file)
-    logger.info(
-        "%s written in %.1fs (%.0f MB; converter %.1fs)",
-        out_file.name,
-        time.perf_counter() - t0,
-        out_file.stat().st_size / 1e6,
-        seconds,
-    )
+    mb, total = out_file.stat().st_size / 1e6, time.perf_counter() - t0
+    logger.info("%s written in %.1fs (%.0f MB; converter %.1fs)", out_file.name, total, mb, seconds)
     if info["special_tokens_not_control"]:
         logger.warning(
             "%s: special-looking tokens not typed CONTROL: %s (llama.cpp will split them into characters)",

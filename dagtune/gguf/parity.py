@@ -125,6 +125,14 @@ class _Top1:
     def ties_ok(self) -> float | None:
         return (self.hits + self.ties) / self.n if self.n else None
 
+    def summary(self) -> dict[str, Any]:
+        return {
+            "top1_agreement_all_positions": self.strict(),
+            "top1_agreement_all_positions_ties_ok": self.ties_ok(),
+            "n_positions": self.n,
+            "max_abs_logit_diff_all_positions": self.max_diff if self.n else None,
+        }
+
 
 @dataclass
 class _Last:
@@ -148,6 +156,16 @@ class _Last:
         self.mean_diff.append(float(diff.mean()))
         top2 = hf_last.topk(2).values
         self.margin.append(float(top2[0] - top2[1]))
+
+    def summary(self, n: int) -> dict[str, Any]:
+        return {
+            "top1_agreement": sum(self.top1) / n,
+            "top1_agreement_ties_ok": (sum(self.top1) + sum(t["tie"] for t in self.flips)) / n,
+            "top1_disagreements": self.flips,
+            "max_abs_logit_diff": max(self.max_diff),
+            "mean_abs_logit_diff": sum(self.mean_diff) / len(self.mean_diff),
+            "hf_top1_margin_min": min(self.margin),
+        }
 
 
 def _token_ids(tok: Any, gguf_file: Path, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
@@ -324,6 +342,19 @@ def llama_offloads_to(device: str) -> bool:
     return device.startswith("cuda") and bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def _llama_on_gpu(device: str, asked: bool) -> bool:
+    """Whether llama.cpp's side runs on the GPU: when asked and possible; asked and impossible says why."""
+    gpu = asked and llama_offloads_to(device)
+    if asked and not gpu:
+        logger.warning(
+            "llama.cpp on the GPU was asked for, but the HF side is on %s or llama-cpp-python has no GPU "
+            "backend: the parity check runs llama.cpp on the CPU (build it with CMAKE_ARGS=-DGGML_CUDA=on, "
+            "scripts/build_llama_cuda.sh)",
+            device,
+        )
+    return gpu
+
+
 def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None, gpu: bool) -> Any:
     import llama_cpp
 
@@ -401,6 +432,46 @@ def _greedy_batch_size(model: Any) -> int:
     return 1 if next(model.parameters()).device.type == "cpu" else 16
 
 
+@dataclass
+class _Greedy:
+    """(c): greedy continuations of the same token ids, HF vs llama.cpp."""
+
+    exact: list[bool] = field(default_factory=list)
+    agreed_prefix: list[float] = field(default_factory=list)
+
+    def add(self, hf_gen: list[int], ll_gen: list[int]) -> None:
+        self.exact.append(hf_gen == ll_gen)
+        prefix = _first_diff(hf_gen, ll_gen)
+        prefix = len(hf_gen) if prefix is None else prefix
+        self.agreed_prefix.append(prefix / max(len(hf_gen), len(ll_gen), 1))
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.exact)
+        return {
+            "greedy_prompts": n,
+            "greedy_exact_match_rate": sum(self.exact) / max(n, 1),
+            "greedy_token_agreement": sum(self.agreed_prefix) / n if n else None,
+        }
+
+
+def _prompt_logits(
+    model: Any, llm: Any, h_ids: list[int], l_ids: list[int], clock: _Clock
+) -> tuple[Any, Any]:
+    """One prompt's (positions, vocab) logits from both sides, on the HF model's device."""
+    import numpy as np
+    import torch
+
+    with clock.phase("hf_forward"), torch.no_grad():
+        out = model(input_ids=torch.tensor([h_ids], device=next(model.parameters()).device), use_cache=False)
+    with clock.phase("llama_eval"):
+        llm.reset()
+        llm.eval(l_ids)
+        ll_logits = torch.from_numpy(np.ascontiguousarray(llm.scores[: len(l_ids)], dtype=np.float32))
+    v = min(out.logits.shape[-1], ll_logits.shape[-1])
+    hf_logits = out.logits[0, :, :v].float()  # stays on the model's device, as do the reductions
+    return hf_logits, ll_logits[:, :v].to(hf_logits.device)
+
+
 def _compare_prompts(
     model: Any,
     llm: Any,
@@ -414,75 +485,40 @@ def _compare_prompts(
 ) -> dict[str, Any]:
     """(b) over every prompt; (c), greedy on the same token ids, over the first ``greedy_n`` -- every
     prompt when (d) runs, which reuses it. ``gen``: (max_new_tokens, stop ids, pad id)."""
-    import numpy as np
-    import torch
-
     max_new_tokens, stop, pad_id = gen
-    last, allpos = _Last(tolerance), _Top1(tolerance)
+    last, allpos, greedy = _Last(tolerance), _Top1(tolerance), _Greedy()
     tpl = _TemplateCheck(gguf_chat_template(llm)) if chats is not None else None
     check_template = tpl is not None and tpl.template is not None and chats is not None
-    n_greedy = len(hf_ids_all) if check_template else min(greedy_n, len(hf_ids_all))
+    n = len(hf_ids_all)
+    n_greedy = n if check_template else min(greedy_n, n)
     with clock.phase("hf_greedy"):
-        hf_gens = _hf_greedy_batch(
-            model, hf_ids_all[:n_greedy], max_new_tokens, stop, pad_id, _greedy_batch_size(model)
-        )
-    hf_absmax, greedy_exact, greedy_frac = 0.0, [], []
-    dev = next(model.parameters()).device
-    t_start = time.perf_counter()
+        batch = _greedy_batch_size(model)
+        hf_gens = _hf_greedy_batch(model, hf_ids_all[:n_greedy], max_new_tokens, stop, pad_id, batch)
+    hf_absmax, t_start = 0.0, time.perf_counter()
     for i, (h_ids, l_ids) in enumerate(zip(hf_ids_all, ll_ids_all, strict=True)):
-        with clock.phase("hf_forward"), torch.no_grad():
-            out = model(input_ids=torch.tensor([h_ids], device=dev), use_cache=False)
-        with clock.phase("llama_eval"):
-            llm.reset()
-            llm.eval(l_ids)
-            ll_logits = torch.from_numpy(np.ascontiguousarray(llm.scores[: len(l_ids)], dtype=np.float32))
+        hf_logits, ll_logits = _prompt_logits(model, llm, h_ids, l_ids, clock)
         with clock.phase("compare"):
-            v = min(out.logits.shape[-1], ll_logits.shape[-1])
-            hf_logits = out.logits[0, :, :v].float()  # stays on the model's device, as do the reductions
-            ll_logits = ll_logits[:, :v].to(hf_logits.device)
             last.add(hf_logits[-1], ll_logits[-1])
             hf_absmax = max(hf_absmax, float(hf_logits.abs().max()))
             if h_ids == l_ids:
                 allpos.add(hf_logits, ll_logits)
-            del out, hf_logits, ll_logits
+            del hf_logits, ll_logits
         if i < n_greedy:
             with clock.phase("llama_greedy"):
                 ll_gen = _llama_greedy(llm, max_new_tokens, stop)  # the template check reuses it
-            hf_gen = hf_gens[i]
-            greedy_exact.append(hf_gen == ll_gen)
-            prefix = _first_diff(hf_gen, ll_gen)
-            prefix = len(hf_gen) if prefix is None else prefix
-            greedy_frac.append(prefix / max(len(hf_gen), len(ll_gen), 1))
+            greedy.add(hf_gens[i], ll_gen)
             if check_template:
                 with clock.phase("template"):
-                    tpl.add(llm, chats[i], (l_ids, ll_gen), hf_gen, max_new_tokens, stop)
-        if (i + 1) % 16 == 0 and i + 1 < len(hf_ids_all):
-            logger.info(
-                "parity: %d/%d prompts compared in %.1fs",
-                i + 1,
-                len(hf_ids_all),
-                time.perf_counter() - t_start,
-            )
-    n = len(hf_ids_all)
-    out_d: dict[str, Any] = {
-        "top1_agreement": sum(last.top1) / n,
-        "top1_agreement_ties_ok": (sum(last.top1) + sum(t["tie"] for t in last.flips)) / n,
-        "top1_disagreements": last.flips,
-        "top1_agreement_all_positions": allpos.strict(),
-        "top1_agreement_all_positions_ties_ok": allpos.ties_ok(),
-        "n_positions": allpos.n,
-        "max_abs_logit_diff": max(last.max_diff),
-        "mean_abs_logit_diff": float(np.mean(last.mean_diff)),
-        "max_abs_logit_diff_all_positions": allpos.max_diff if allpos.n else None,
+                    tpl.add(llm, chats[i], (l_ids, ll_gen), hf_gens[i], max_new_tokens, stop)
+        if (i + 1) % 16 == 0 and i + 1 < n:
+            logger.info("parity: %d/%d prompts compared in %.1fs", i + 1, n, time.perf_counter() - t_start)
+    return {
+        **last.summary(n),
+        **allpos.summary(),
         "hf_logit_absmax": hf_absmax,
-        "hf_top1_margin_min": min(last.margin),
-        "greedy_prompts": len(greedy_exact),
-        "greedy_exact_match_rate": sum(greedy_exact) / max(len(greedy_exact), 1),
-        "greedy_token_agreement": float(np.mean(greedy_frac)) if greedy_frac else None,
+        **greedy.summary(),
+        **(tpl.summary(n) if tpl is not None else {}),
     }
-    if tpl is not None:
-        out_d.update(tpl.summary(n))
-    return out_d
 
 
 def _failures(
@@ -539,16 +575,13 @@ def parity_check(
     llama_gpu: bool = False,
 ) -> dict[str, Any]:
     """Compare an HF model directory (float32, eager attention, on ``device``; TF32 off) with its GGUF
-    export on ``prompts`` (checks (a)-(d) of the module doc; ``chats``, the conversations ``prompts``
-    were rendered from, in the same order, turn on (d)). ``passed`` needs identical token ids, top-1
-    agreement over all prompt positions (near-ties within ``top1_tie_tolerance`` count as agreement)
-    >= ``min_top1_agreement``, and where set the greedy exact-match rate >= ``min_greedy_exact_match``
-    and (d)'s rate >= ``min_template_greedy_match``; (c) runs on the first ``greedy_prompts`` (all when
-    None). ``llama_gpu`` offloads llama.cpp's side to the GPU when the HF side is on CUDA and
-    llama-cpp-python has a GPU backend. Returns a flat dict for a manifest: the rates and
-    logit differences above (``top1_agreement_all_positions[_ties_ok]``, ``n_positions``, last-position
-    ``top1_agreement[_ties_ok]``, ``greedy_exact_match_rate``, ``template_*``...), ``passed``,
-    ``failures`` (reasons), ``seconds`` and up to ``max_mismatch_records`` ``token_id_mismatches``."""
+    export on ``prompts``: checks (a)-(d) of the module doc; ``chats`` (the conversations ``prompts`` were
+    rendered from, same order) turn on (d), and (c) runs on the first ``greedy_prompts`` (None: all).
+    ``passed`` needs identical token ids, all-position top-1 agreement (near-ties within
+    ``top1_tie_tolerance`` agree) >= ``min_top1_agreement``, and where set the greedy and (d) rates at
+    their minimums. ``llama_gpu``: llama.cpp's side on the GPU where possible. Returns a flat dict for a
+    manifest: the rates, logit differences, ``phase_seconds``, ``passed``, ``failures`` (reasons),
+    ``seconds`` and up to ``max_mismatch_records`` ``token_id_mismatches``."""
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
@@ -566,17 +599,9 @@ def parity_check(
     with clock.phase("load_hf"):
         model = _hf_model(hf_model_dir, device)
     stop = _stop_ids(model, tok)
-    n_ctx = max(256, max(len(x) for x in ll_ids_all) + max_new_tokens + 16)
-    if chats is not None:
-        n_ctx += 256  # a rendering by another template may be a little longer
-    gpu = llama_gpu and llama_offloads_to(device)
-    if llama_gpu and not gpu:
-        logger.warning(
-            "llama.cpp on the GPU was asked for, but the HF side is on %s or llama-cpp-python has no GPU "
-            "backend: the parity check runs llama.cpp on the CPU (build it with CMAKE_ARGS=-DGGML_CUDA=on, "
-            "scripts/build_llama_cuda.sh)",
-            device,
-        )
+    # room for the longest prompt, its continuation and (d)'s rendering by another template
+    n_ctx = max(256, max(map(len, ll_ids_all)) + max_new_tokens + 16) + (256 if chats is not None else 0)
+    gpu = _llama_on_gpu(device, llama_gpu)
     with clock.phase("load_llama"):
         llm = _open_llama(gguf_file, n_ctx, n_threads, gpu)
     try:
