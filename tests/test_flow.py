@@ -81,7 +81,7 @@ def _run_json(state: Path, *extra: str, prefect_home: Path | None = None) -> dic
     if "--config" not in extra:
         extra = (*extra, "--config", str(fast_config(state.parent)))
     r = _cli("run", "--json", *extra, env=_env(state, prefect_home))
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])  # the JSON's error, then the log
     return json.loads(r.stdout)  # exactly one JSON object on stdout
 
 
@@ -290,7 +290,7 @@ def test_two_runs_started_together_compute_each_key_once(tmp_path):
         for p in procs:
             p.kill()
     outs = [(o.read_text(), e.read_text()) for o, e in logs]
-    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert all(p.returncode == 0 for p in procs), [(o[-1000:], e[-2000:]) for o, e in outs]
     computed = sum(err.count("computing") for _, err in outs)
     assert computed == len(NODE_ORDER)
     statuses = [json.loads(o)["nodes"] for o, _ in outs]
