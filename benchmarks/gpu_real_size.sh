@@ -16,10 +16,10 @@
 #             (FC/EXTRACTOR/CLASSIFIER/EVAL, defaults 4000/8000/4000/512), STEPS_CAP if set; it gets
 #             what is left of $BUDGET seconds (SIGINT first, so the JSON of finished runs stays).
 #   ddp       the classifier node on 1 then 2 GPUs (hf backend, same global batch; DDP_STEPS steps);
-#   llama_cuda  llama.cpp with its CUDA backend (scripts/build_llama_cuda.sh, or the libraries a former
-#             call returned, .gpu_carry/llama_cuda_libs.tar.xz); on success $LLAMA_LIB (llama-cpp-python's
-#             LLAMA_CPP_LIB_PATH, CPU libraries until then) is switched to it, so a convert_gguf that starts
-#             later checks parity on the GPU; the libraries go to $OUT for the next call's carry;
+#   llama_cuda  llama.cpp with its CUDA backend (scripts/build_llama_cuda.sh; 4-5 min, every call: the
+#             libraries are too large to come back and be carried); on success $LLAMA_LIB (llama-cpp-python's
+#             LLAMA_CPP_LIB_PATH, CPU libraries until then) is switched to it, for a convert_gguf that starts
+#             later with convert_gguf.parity_llama_gpu on, and for the parity stage;
 #   parity    benchmarks/parity_real_size.py: convert_gguf's parity check at real size (FunctionGemma),
 #             llama.cpp on the GPU without torch, beside torch, two at once (PARITY_VARIANTS);
 #   gpu_tests the GPU tests (pytest -m gpu; GPU_TESTS = the files), under what is left of $BUDGET.
@@ -82,15 +82,9 @@ for s in $STAGES; do
     ;;
   llama_cuda)
     dir=${TMPDIR:-/tmp}/dagtune_llama_cuda
-    if [ -f .gpu_carry/llama_cuda_libs.tar.xz ]; then
-      stamp "llama.cpp CUDA libraries from the carry"
-      mkdir -p "$dir" && tar -C "$dir" -xJf .gpu_carry/llama_cuda_libs.tar.xz
-    else
-      stamp "llama.cpp CUDA build (JOBS=${LLAMA_JOBS:-16})"
-      JOBS=${LLAMA_JOBS:-16} bash scripts/build_llama_cuda.sh .gpu_carry/llama_src.tar.xz "$dir" >"$OUT/llama_cuda.log" 2>&1
-      tail -3 "$OUT/llama_cuda.log" | tee -a "$OUT/real_size.log"
-      [ -f "$dir/libllama.so" ] && tar -C "$dir" -cf - . | xz -T8 -6 >"$OUT/llama_cuda_libs.tar.xz"
-    fi
+    stamp "llama.cpp CUDA build (JOBS=${LLAMA_JOBS:-16})"
+    JOBS=${LLAMA_JOBS:-16} bash scripts/build_llama_cuda.sh .gpu_carry/llama_src.tar.xz "$dir" >"$OUT/llama_cuda.log" 2>&1
+    tail -3 "$OUT/llama_cuda.log" | tee -a "$OUT/real_size.log"
     if LLAMA_CPP_LIB_PATH=$dir python3 -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" \
       >>"$OUT/llama_cuda.log" 2>&1; then
       ln -sfn "$dir" "$LLAMA_LIB.new" && mv -T "$LLAMA_LIB.new" "$LLAMA_LIB" && stamp "llama.cpp on the GPU from now on"
