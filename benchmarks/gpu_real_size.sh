@@ -26,6 +26,10 @@
 # Knobs (env): STAGES="build gen pipeline" BUDGET=585 T_GEN=120 GEN_N=512 GEN_SEQ=16 STEPS_CAP= WARM=
 #   PIPE_LIMIT= (seconds: the pipeline stage's own cap, to leave time for later stages)
 #   PIPE_OVERRIDE= (JSON deep-merged into the pipeline stage's config, e.g. {"runtime": {"gpus": 2}})
+#   WARM=1: a cold run then a warm one (every node rerun on the warm compile cache); WARM=only: the warm
+#   run alone, on the state a previous call left on this machine (kept warm between calls)
+#   MPS=1: the lane's processes share their GPU through CUDA MPS (a daemon of this lane's own, so
+#   kernels of the concurrent nodes run side by side instead of time-sliced per process)
 set -uo pipefail
 OUT=${OUT:-$PWD/benchmarks/results/gpu_real_size}
 mkdir -p "$OUT"
@@ -41,6 +45,19 @@ stamp() { echo "[real_size $(($(date +%s) - t0))s] $*" | tee -a "$OUT/real_size.
 left() { echo $((BUDGET - ($(date +%s) - t0))); }
 
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee -a "$OUT/real_size.log"
+if [ -n "${MPS:-}" ]; then
+  # The daemon sees every GPU (clients keep their physical CUDA_VISIBLE_DEVICES); only this lane's
+  # processes find it, through its own pipe directory.
+  export CUDA_MPS_PIPE_DIRECTORY=${TMPDIR:-/tmp}/dagtune_mps_${LANE:-0}/pipe CUDA_MPS_LOG_DIRECTORY=$OUT/mps_log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if env -u CUDA_VISIBLE_DEVICES nvidia-cuda-mps-control -d; then
+    stamp "CUDA MPS daemon started"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  else
+    stamp "CUDA MPS unavailable: this lane runs without it"
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+fi
 for s in $STAGES; do
   case $s in
   build)
@@ -130,9 +147,9 @@ for s in $STAGES; do
     stamp "pipeline real size ${FC}/${EXTRACTOR}/${CLASSIFIER}/${EVAL} (limit ${lim}s)"
     timeout -s INT -k 60 "$lim" python3 benchmarks/pipeline_real_size.py --device cuda --model-root "$MODELS" \
       --fc "$FC" --extractor "$EXTRACTOR" --classifier "$CLASSIFIER" --eval "$EVAL" "${TOKS[@]}" \
-      ${STEPS_CAP:+--steps-cap "$STEPS_CAP"} $([ -n "${WARM:-}" ] && echo --warm) \
+      ${STEPS_CAP:+--steps-cap "$STEPS_CAP"} $(case ${WARM:-} in only) echo --warm-only ;; ?*) echo --warm ;; esac) \
       ${PIPE_OVERRIDE:+--override "$PIPE_OVERRIDE"} \
-      --state-dir "${TMPDIR:-/tmp}/dagtune_real_state" --out "$OUT/pipeline_real_size.json" \
+      --state-dir "${TMPDIR:-/tmp}/dagtune_real_state_${LANE:-0}" --out "$OUT/pipeline_real_size.json" \
       >"$OUT/pipeline_real_size.driver.log" 2>&1
     grep -aE "^(cold|warm):|wrote|Error" "$OUT/pipeline_real_size.driver.log" | tee -a "$OUT/real_size.log"
     ;;

@@ -20,7 +20,9 @@ What it does:
    its own state dir; the torch inductor and Triton caches under ``<state>/compile_cache``), while a
    thread samples NVML GPU utilisation and memory every ``--sample-s`` seconds (default 0.5: >= 1 Hz);
    ``--warm`` runs the flow a second time on the same state dir and compile cache with ``--force`` on
-   the three training nodes (the later nodes' keys do not change, so they are cached);
+   every node (the next nightly run: new data reruns them all, the compile caches are the last run's);
+   ``--warm-only`` makes that second run alone, on the state an earlier invocation left (another call
+   on a machine kept warm);
 4. writes JSON (device named): per run the DAG's wall seconds, and per node its status, wall seconds
    and start/end (from the training slot's acquisition, logged by the flow, or the manifest's
    ``timings.started``, to ``timings.finished``), the training phases the training manifests
@@ -438,6 +440,15 @@ def markdown_table(run: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_plan(mode: str, only: list[str] | None) -> list[tuple[str, list[str]]]:
+    """(label, nodes to --force) of each run. Warm = the next nightly run: new data reruns every node,
+    the compile caches are the last run's."""
+    from dagtune.pipeline import NODE_ORDER
+
+    warm = ("warm", [n for n in NODE_ORDER if not only or n in only])
+    return {"cold": [("cold", [])], "warm": [("cold", []), warm], "warm-only": [warm]}[mode]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -448,9 +459,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval", type=int, default=512, help="evaluate.max_examples: test examples per task")
     ap.add_argument("--steps-cap", type=int, default=None, help="optim.max_steps of every trainer (smoke)")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--cold", dest="warm", action="store_false", help="one run, fresh state (default)")
-    mode.add_argument("--warm", dest="warm", action="store_true", help="a second run on the warm cache")
-    ap.set_defaults(warm=False)  # both flags share the dest: without this --cold's False-action sets True
+    mode.add_argument(
+        "--cold", dest="mode", action="store_const", const="cold", help="one run, fresh state (default)"
+    )
+    mode.add_argument(
+        "--warm",
+        dest="mode",
+        action="store_const",
+        const="warm",
+        help="a cold run, then a warm one: every node rerun (--force) on the warm compile cache",
+    )
+    mode.add_argument(
+        "--warm-only",
+        dest="mode",
+        action="store_const",
+        const="warm-only",
+        help="the warm run alone, on the state dir and compile cache an earlier run left",
+    )
+    ap.set_defaults(mode="cold")
     ap.add_argument("--override", default=None, help="JSON deep-merged into the profile last")
     ap.add_argument(
         "--only", nargs="+", default=None, help="dagtune run --only: these nodes (e.g. one trainer)"
@@ -470,8 +496,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = Path(args.state_dir) if args.state_dir else out.with_suffix(".state")
-    shutil.rmtree(state, ignore_errors=True)  # cold: nothing cached, no compile cache
-    state.mkdir(parents=True)
+    if args.mode == "warm-only":
+        if not (state / "compile_cache").is_dir():
+            raise SystemExit(f"--warm-only: no earlier run's compile cache under {state}")
+    else:
+        shutil.rmtree(state, ignore_errors=True)  # cold: nothing cached, no compile cache
+        state.mkdir(parents=True)
     t0 = time.time()
     models = build_models(args)
     build_s = round(time.time() - t0, 1)
@@ -493,8 +523,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": str(cfg_path),
         "runs": [],
     }
-    plan = [("cold", [])] + ([("warm", list(TRAINING))] if args.warm else [])
-    for label, force in plan:
+    for label, force in run_plan(args.mode, args.only):
         run = run_flow(args, cfg_path, profile, state, force, label)
         doc["runs"].append(run)
         out.write_text(json.dumps(doc, indent=1))

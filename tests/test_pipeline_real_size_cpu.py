@@ -77,3 +77,16 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
     assert all(n["prepare_data"]["finished"] <= t["started"] for t in trained)
     assert all(t["finished"] <= n["evaluate"]["started"] for t in trained)
     assert n["register"]["started"] >= max(n["evaluate"]["finished"], n["convert_gguf"]["finished"])
+
+
+def test_warm_run_reruns_every_node_on_the_last_runs_state(tmp_path):
+    bench = _benchmark()
+    assert bench.run_plan("cold", None) == [("cold", [])]
+    assert bench.run_plan("warm", None) == [("cold", []), ("warm", NODE_ORDER)]
+    assert bench.run_plan("warm-only", ["prepare_data", "train_classifier"]) == [
+        ("warm", ["prepare_data", "train_classifier"])
+    ]
+    # a warm run without an earlier run's compile cache would be a cold one under another name
+    with pytest.raises(SystemExit, match="no earlier run's compile cache"):
+        bench.main(["--warm-only", "--device", "cpu", "--tiny", "--state-dir", str(tmp_path / "none"),
+                    "--out", str(tmp_path / "x.json")])  # fmt: skip
