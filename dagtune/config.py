@@ -595,7 +595,8 @@ class RegisterConfig(Section):
     classifier_loader: str = F(
         "dagtune.training.classifier:load_classifier",
         "Import path of the function the classifier pyfunc calls with its artifact dir to get an object "
-        "with predict_proba(texts) -> list[float].",
+        "with predict_proba(texts) -> list[float]. The gate's re-scoring of the champion passes the run's "
+        "device too (device=...) when the function has that parameter.",
     )
     models: dict[Literal["function_calling", "extractor", "classifier"], RegisteredModel] = F(
         default_factory=lambda: {k: RegisteredModel.model_validate(v) for k, v in DEFAULT_MODELS.items()},

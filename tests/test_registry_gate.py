@@ -272,3 +272,24 @@ def test_register_node_holds_a_classifier_not_clearly_better_than_its_baseline(c
     assert (clf["version"], clf["gate_passed"], clf["champion"]) == ("2", True, "2"), clf["gate_reasons"]
     assert clf["gate"]["vs_base"]["ci_low"] > 0
     assert "lower bound above min_delta 0" in clf["gate_reasons"][0]
+
+
+def test_champion_classifier_is_loaded_on_the_runs_device(tmp_path):
+    """The default loader's own default device is the CPU: re-scoring a real-size champion there took
+    minutes of the nightly run. A loader that takes a device gets the run's; one that does not still
+    loads (custom loaders keep their one-argument contract)."""
+    from dagtune.registry.rescore import load_on_device
+
+    calls = []
+
+    def with_device(path, device="cpu"):
+        calls.append((path, device))
+        return "model"
+
+    def path_only(path):
+        calls.append((path, None))
+        return "model"
+
+    assert load_on_device(with_device, tmp_path, "cuda") == "model"
+    assert load_on_device(path_only, tmp_path, "cuda") == "model"
+    assert calls == [(str(tmp_path), "cuda"), (str(tmp_path), None)]

@@ -173,6 +173,17 @@ def champion_scores(
 # ----------------------------------------------------------------------------------------------
 # re-running the evaluation functions on the champion's training artifact
 # ----------------------------------------------------------------------------------------------
+def load_on_device(loader: Any, artifact_dir: Path, device: str) -> Any:
+    """The classifier from ``register.classifier_loader``, on the run's device when the loader takes
+    one (the default loader's own default is the CPU, in float32: a real-size champion re-scored there
+    took minutes)."""
+    import inspect
+
+    if "device" in inspect.signature(loader).parameters:
+        return loader(str(artifact_dir), device=device)
+    return loader(str(artifact_dir))
+
+
 @dataclass(frozen=True)
 class Rescorer:
     """Runs evaluate's own functions for one model on the test split, with evaluate's config."""
@@ -225,7 +236,7 @@ class Rescorer:
 
         test = subsample(read_split(data_dir, "classifier", "test"), cfg.max_examples, cfg.seed)
         val = subsample(read_split(data_dir, "classifier", "validation"), cfg.max_examples, cfg.seed)
-        loaded = import_string(self.classifier_loader)(str(train.dir))
+        loaded = load_on_device(import_string(self.classifier_loader), train.dir, self.device)
         clf = FlawedProbability(loaded[0] if isinstance(loaded, tuple) else loaded)
         p_val = clf.predict_proba(val[CLASSIFIER_TEXT].tolist())
         p_test = clf.predict_proba(test[CLASSIFIER_TEXT].tolist())
