@@ -297,6 +297,25 @@ def test_llama_loads_in_threads_keep_stdout(f16_gguf, tiny_model, prompts):
     assert after[2:] == before[2:]
 
 
+def test_llama_threads_are_the_nodes_share_for_prompt_evaluation_too(f16_gguf):
+    """Parity's prompt evaluation (llama.cpp's batch threads) keeps to the node's thread share: left to
+    llama-cpp-python it takes every CPU of the host, twice over with two models side by side."""
+    import os
+
+    from dagtune.gguf import parity
+
+    llm = parity._open_llama(f16_gguf[0], 256, 1, gpu=False)
+    try:
+        assert (llm.n_threads, llm.n_threads_batch) == (1, 1)
+    finally:
+        llm.close()
+    llm = parity._open_llama(f16_gguf[0], 256, None, gpu=False)
+    try:
+        assert llm.n_threads == llm.n_threads_batch == len(os.sched_getaffinity(0))
+    finally:
+        llm.close()
+
+
 def test_gguf_header_reader_matches_gguf_py(f16_gguf, tmp_path):
     """dagtune's header reader (262k tokens in 0.3 s instead of 14 s) reads what gguf-py's reader does."""
     from gguf import GGUFReader

@@ -358,13 +358,19 @@ def _llama_on_gpu(device: str, asked: bool) -> bool:
 def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None, gpu: bool) -> Any:
     import llama_cpp
 
+    from dagtune.slots import host_cpus
+
+    # Prompt evaluation runs on n_threads_batch, which llama-cpp-python otherwise sets to every CPU of
+    # the host (not the process's affinity): two models side by side then spun 2x the cores.
+    threads = n_threads or host_cpus()
     with _LLAMA_LOCK:
         return llama_cpp.Llama(
             model_path=str(gguf_file),
             logits_all=True,
             n_ctx=n_ctx,
             n_batch=min(n_ctx, 2048),
-            n_threads=n_threads,
+            n_threads=threads,
+            n_threads_batch=threads,
             n_gpu_layers=-1 if gpu else 0,
             seed=0,
             verbose=False,
