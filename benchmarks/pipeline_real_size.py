@@ -393,7 +393,8 @@ def device_name(device: str) -> str:
     if device == "cuda":
         import torch
 
-        return torch.cuda.get_device_name(0)
+        n = torch.cuda.device_count()
+        return torch.cuda.get_device_name(0) if n == 1 else f"{n} x {torch.cuda.get_device_name(0)}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
