@@ -276,9 +276,10 @@ def test_register_node_holds_a_classifier_not_clearly_better_than_its_baseline(c
 
 def test_champion_classifier_is_loaded_on_the_runs_device(tmp_path):
     """The default loader's own default device is the CPU: re-scoring a real-size champion there took
-    minutes of the nightly run. A loader that takes a device gets the run's; one that does not still
-    loads (custom loaders keep their one-argument contract)."""
-    from dagtune.registry.rescore import load_on_device
+    minutes of the nightly run (the served pyfunc loads through the same function, device "auto"). A
+    loader that takes a device gets the run's; one that does not still loads (custom loaders keep their
+    one-argument contract)."""
+    from dagtune.registry.models import load_on_device
 
     calls = []
 

@@ -276,15 +276,28 @@ def task_outputs(task: str, texts: list[str]) -> dict[str, list[Any]]:
     return {"equation": [parse_eq(t) or "" for t in texts], "text": texts}
 
 
+def load_on_device(loader: Any, artifact_dir: str | Path, device: str) -> Any:
+    """The classifier from a ``register.classifier_loader`` function, on ``device`` when the loader
+    takes one (the default loader's own default is the CPU in float32: minutes for a real-size model)."""
+    import inspect
+
+    if "device" in inspect.signature(loader).parameters:
+        return loader(str(artifact_dir), device=device)
+    return loader(str(artifact_dir))
+
+
 class ClassifierModel(PythonModel):
     """Input ``problem`` + ``solution``, rendered with the classifier's chat template as training
     rendered them (dagtune.data.render); output ``probability`` (that the solution is flawed, label 1)
     and ``label`` at the threshold evaluate chose on validation."""
 
     def load_context(self, context: Any) -> None:
+        from dagtune.runtime import resolve_device
+
         cfg = dict(context.model_config or {})
         loader = import_string(cfg.get("loader") or DEFAULT_CLASSIFIER_LOADER)
-        loaded = loader(context.artifacts["classifier"])
+        device = resolve_device(cfg.get("device", "auto"))
+        loaded = load_on_device(loader, context.artifacts["classifier"], device)
         # dagtune.training.classifier.load_classifier returns (model, tokenizer)
         if not isinstance(loaded, tuple) or len(loaded) != 2 or loaded[1] is None:
             raise TypeError(f"classifier loader {cfg.get('loader')!r} must return (model, tokenizer)")
@@ -494,7 +507,12 @@ def log_classifier_model(
             name=name,
             python_model=str(CODE_DIR / "classifier_model.py"),
             artifacts={"classifier": str(artifact_dir)},
-            model_config={"loader": loader, "threshold": float(threshold), "labels": list(labels)},
+            model_config={
+                "loader": loader,
+                "threshold": float(threshold),
+                "labels": list(labels),
+                "device": "auto",
+            },
             signature=signature("classifier", threshold=float(threshold)),
             input_example=input_example("classifier"),
             pip_requirements=pip_requirements("torch", "transformers", "peft", "safetensors", "pandas"),

@@ -173,17 +173,6 @@ def champion_scores(
 # ----------------------------------------------------------------------------------------------
 # re-running the evaluation functions on the champion's training artifact
 # ----------------------------------------------------------------------------------------------
-def load_on_device(loader: Any, artifact_dir: Path, device: str) -> Any:
-    """The classifier from ``register.classifier_loader``, on the run's device when the loader takes
-    one (the default loader's own default is the CPU, in float32: a real-size champion re-scored there
-    took minutes)."""
-    import inspect
-
-    if "device" in inspect.signature(loader).parameters:
-        return loader(str(artifact_dir), device=device)
-    return loader(str(artifact_dir))
-
-
 @dataclass(frozen=True)
 class Rescorer:
     """Runs evaluate's own functions for one model on the test split, with evaluate's config."""
@@ -232,7 +221,7 @@ class Rescorer:
         from dagtune.evaluation.metrics import choose_threshold, classifier_metrics
         from dagtune.evaluation.node import CLASSIFIER_TEXT, FlawedProbability, read_split
         from dagtune.evaluation.tasks import subsample
-        from dagtune.registry.models import import_string
+        from dagtune.registry.models import import_string, load_on_device
 
         test = subsample(read_split(data_dir, "classifier", "test"), cfg.max_examples, cfg.seed)
         val = subsample(read_split(data_dir, "classifier", "validation"), cfg.max_examples, cfg.seed)
