@@ -29,7 +29,7 @@ What it does:
    report (``timings: load_s, first_step_s, steady_s, merge_s, save_s``, ``steady_tokens_per_s``,
    ``peak_mem_gib``; null when a manifest has none), compile seconds (= ``first_step_s``), the GPU
    busy fraction over the node's interval (mean NVML utilisation of the samples inside it) and the
-   peak memory NVML saw there, evaluate's generation seconds, convert_gguf's conversion /
+   peak memory NVML saw there, evaluate's generation seconds, convert_gguf_*'s conversion /
    quantization / parity seconds and GGUF bytes.
 """
 
@@ -271,7 +271,7 @@ def node_record(
         rec.update(_training_numbers(manifest))
     elif name == "evaluate":
         rec.update(_evaluate_numbers(Path(row["artifact"])))
-    elif name == "convert_gguf":
+    elif name.startswith("convert_gguf"):
         rec.update(_gguf_numbers(manifest))
     elif name == "register":
         rec["registration_s"] = t.get("seconds")
@@ -424,7 +424,7 @@ def markdown_table(run: dict[str, Any]) -> str:
         other = ""
         if name == "evaluate":
             other = f"evaluation {_cell(n.get('evaluation_s'))} s"
-        elif name == "convert_gguf":
+        elif name.startswith("convert_gguf"):
             other = "; ".join(
                 f"{k}: {_cell((f['bytes'] or 0) / 1e6, '{:,.1f}')} MB, convert {_cell(f['convert_s'])} s, "
                 f"quantize {_cell(f['quantize_s'])} s, parity {_cell(f['parity_s'])} s"

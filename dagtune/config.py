@@ -111,7 +111,7 @@ class RuntimeConfig(Section):
     )
     nodes_per_device: int = F(
         1,
-        "How many model-loading nodes (training, evaluate, convert_gguf, register) may share one device at "
+        "How many model-loading nodes (training, evaluate, convert_gguf_*, register) may share one device at "
         "once, each in its own process; the others wait for a slot. 1 gives each node a whole GPU; more "
         "overlaps one node's loading, merging and saving with another's training when memory allows.",
         ge=1,
@@ -520,7 +520,8 @@ class ConvertGgufConfig(Section):
     )
     models: list[Literal["function_calling", "extractor"]] = F(
         default_factory=lambda: ["function_calling", "extractor"],
-        description="Which generative models to export.",
+        description="Which generative models get a GGUF file; the export node of a model left out "
+        "writes none (and its registered version serves no GGUF).",
     )
     parity_llama_gpu: bool = F(
         False,
@@ -638,7 +639,7 @@ class DeployConfig(Section):
     gpu_slots: int = F(
         1,
         "GPUs of the worker: a Prefect concurrency limit with this many slots is taken by every "
-        "model-loading node (training, evaluate, convert_gguf), so one node at a time uses one GPU.",
+        "model-loading node (training, evaluate, the convert_gguf nodes), so one node at a time uses one GPU.",
         ge=1,
     )
 
@@ -663,7 +664,8 @@ class PipelineConfig(Section):
     train_classifier: TrainClassifierConfig = F(..., description="The train_classifier node.")
     evaluate: EvaluateConfig = F(default_factory=EvaluateConfig, description="The evaluate node.")
     convert_gguf: ConvertGgufConfig = F(
-        default_factory=ConvertGgufConfig, description="The convert_gguf node."
+        default_factory=ConvertGgufConfig,
+        description="The convert_gguf_function_calling and convert_gguf_extractor nodes (one export per model).",
     )
     register: RegisterConfig = F(default_factory=RegisterConfig, description="The register node.")
     deploy: DeployConfig = F(

@@ -245,7 +245,7 @@ def _route_child_logs(rank: int) -> None:
 
 def _context(spec: dict[str, Any]) -> tuple[Any, Any]:
     from dagtune.config import PipelineConfig
-    from dagtune.pipeline import NodeContext, Settings
+    from dagtune.pipeline import NODES, NodeContext, Settings
     from dagtune.store import Artifact, ArtifactStore
 
     cfg = PipelineConfig.model_validate(spec["config"])
@@ -257,7 +257,7 @@ def _context(spec: dict[str, Any]) -> tuple[Any, Any]:
         name=name,
         out=Path(spec["out"]),
         scratch=Path(spec["scratch"]),
-        section=getattr(cfg, name),
+        section=getattr(cfg, NODES[name].section_name),
         runtime=cfg.runtime,
         upstream={u: Artifact(**a) for u, a in spec["upstream"].items()},
         store=ArtifactStore(cfg.artifact_root),

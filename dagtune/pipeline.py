@@ -70,6 +70,13 @@ class Node:
     # version changes its output: both enter the key (dagtune.code_identity).
     code: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
+    # The config section the node reads (and its key holds), when it is not the node's own name:
+    # one section can configure several nodes (convert_gguf, one node per model).
+    section: str | None = None
+
+    @property
+    def section_name(self) -> str:
+        return self.section or self.name
 
     def load(self, attr: str) -> Callable[..., Any]:
         mod, fn = attr.split(":")
@@ -136,15 +143,21 @@ NODES: dict[str, Node] = {
             code=("dagtune/evaluation", "dagtune/formats.py", "dagtune/data/report.py", *TRAIN_CODE),
             libraries=("torch", "transformers", "peft"),
         ),
-        Node(
-            "convert_gguf",
-            "1",
-            ("prepare_data", "train_function_calling", "train_extractor"),
-            "dagtune.gguf.node:build",
-            "dagtune.gguf.node:key_inputs",
-            loads_models=True,
-            code=("dagtune/gguf", *MODELS_CODE),
-            libraries=("torch", "transformers", "gguf", "llama_cpp_python"),
+        # One export per model, so each starts when its own training ends (the function caller's
+        # conversion and parity check run while the extractor still trains).
+        *(
+            Node(
+                f"convert_gguf_{model}",
+                "1",
+                ("prepare_data", f"train_{model}"),
+                f"dagtune.gguf.node:build_{model}",
+                "dagtune.gguf.node:key_inputs",
+                loads_models=True,
+                code=("dagtune/gguf", *MODELS_CODE),
+                libraries=("torch", "transformers", "gguf", "llama_cpp_python"),
+                section="convert_gguf",
+            )
+            for model in ("function_calling", "extractor")
         ),
         Node(
             "register",
@@ -155,7 +168,8 @@ NODES: dict[str, Node] = {
                 "train_extractor",
                 "train_classifier",
                 "evaluate",
-                "convert_gguf",
+                "convert_gguf_function_calling",
+                "convert_gguf_extractor",
             ),
             "dagtune.registry.node:build",
             "dagtune.registry.node:key_inputs",
@@ -196,7 +210,7 @@ def node_inputs(name: str, cfg: PipelineConfig, upstream_keys: dict[str, str]) -
         "node": name,
         "version": node.version,
         # redacted: a tracking URI's password must not reach a manifest (nor change a key)
-        "config": redact(getattr(cfg, name).model_dump(mode="json")),
+        "config": redact(getattr(cfg, node.section_name).model_dump(mode="json")),
         "upstream": {u: upstream_keys[u] for u in node.upstream},
     }
     if node.extra_inputs:
@@ -267,7 +281,7 @@ def run_node(
             name=name,
             out=out,
             scratch=scratch,
-            section=getattr(cfg, name),
+            section=getattr(cfg, node.section_name),
             runtime=cfg.runtime,
             upstream={u: upstream[u] for u in node.upstream},
             store=store,
@@ -293,7 +307,7 @@ def run_node(
 
 def devices_wanted(name: str, cfg: PipelineConfig) -> int:
     """Devices a node trains on (its section's ``gpus``, data parallel); every other node takes one."""
-    return int(getattr(getattr(cfg, name), "gpus", 1) or 1)
+    return int(getattr(getattr(cfg, NODES[name].section_name), "gpus", 1) or 1)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from dagtune.pipeline import NODES
 from dagtune.store import ArtifactStore
 
 STANDIN_LOADER = "registry_helpers:load_standin_classifier"
@@ -269,13 +270,16 @@ def build_artifacts(
     for node, fn, extra in (
         ("prepare_data", data, {}),
         ("train_function_calling", train_fc, {"variant": variant, "merged": merged}),
-        ("convert_gguf", gguf, {"variant": variant}),
+        ("convert_gguf_function_calling", gguf, {"variant": variant}),
         ("train_classifier", train_clf, {"variant": variant}),
         ("evaluate", evaluate, {"fc": fc_overall, "d": dialects, "clf": clf_f1, "base": fc_base}),
     ):
         # each manifest records its node's config section and upstream keys, as run_node does
-        upstream = {u: a.key for u, a in arts.items() if node == "evaluate" and u != "convert_gguf"}
-        inputs = {"node": node, "config": getattr(cfg, node).model_dump(mode="json"), "upstream": upstream}
+        upstream = {
+            u: a.key for u, a in arts.items() if node == "evaluate" and not u.startswith("convert_gguf")
+        }
+        section = getattr(cfg, NODES[node].section_name).model_dump(mode="json")
+        inputs = {"node": node, "config": section, "upstream": upstream}
         arts[node], _ = store.build(node, {**inputs, **extra}, fn)
     return arts
 

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel
 
 from dagtune.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config, profile_names, read_raw
-from dagtune.pipeline import NODE_ORDER
+from dagtune.pipeline import NODE_ORDER, NODES
 
 RAW, _ = read_raw(DEFAULT_CONFIG)
 
@@ -20,7 +20,7 @@ def test_committed_config_validates_for_every_profile(profile):
     cfg = load_config(DEFAULT_CONFIG, profile)
     assert cfg.profile == profile
     for node in NODE_ORDER:
-        assert isinstance(getattr(cfg, node), BaseModel)
+        assert isinstance(getattr(cfg, NODES[node].section_name), BaseModel)
 
 
 def test_default_profile_is_tiny_cpu():

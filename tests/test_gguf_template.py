@@ -1,4 +1,4 @@
-"""The convert_gguf node's chat-template check on the tiny FunctionGemma: an export whose embedded chat
+"""convert_gguf_function_calling's chat-template check on the tiny FunctionGemma: an export whose embedded chat
 template renders the training prompts passes; one whose template was stripped, or changed so that the
 tool declarations are lost, fails the node with a message that says so."""
 
@@ -51,10 +51,6 @@ def _training(out: Path, store: ArtifactStore, variant: str) -> None:
         template.write_text(template.read_text().replace(TOOLS_BLOCK, "{%- if false -%}"))
 
 
-def _unused(out: Path) -> None:
-    (out / "unused").write_text("-")
-
-
 def _upstream(store: ArtifactStore, variant: str) -> dict:
     config = {"function_calling": {"developer_prompt": DEVELOPER}}
     ups = {}
@@ -66,9 +62,6 @@ def _upstream(store: ArtifactStore, variant: str) -> dict:
         "train_function_calling",
         {"standin": variant, "config": model},
         lambda out, _s: _training(out, store, variant),
-    )
-    ups["train_extractor"], _ = store.build(
-        "train_extractor", {"standin": "unused"}, lambda out, _s: _unused(out)
     )
     return ups
 
@@ -92,7 +85,7 @@ def cfg(state_dir):
 @needs_llama_cpp
 def test_embedded_template_renders_the_training_prompts(cfg):
     store = ArtifactStore(cfg.artifact_root)
-    art, res = pipeline.run_node("convert_gguf", cfg, _upstream(store, "intact"))
+    art, res = pipeline.run_node("convert_gguf_function_calling", cfg, _upstream(store, "intact"))
     p = art.manifest()["metrics"]["function_calling"]["f16"]["parity"]
     assert res.status == "ran" and p["passed"], p["failures"]
     assert (
@@ -117,10 +110,12 @@ def test_embedded_template_renders_the_training_prompts(cfg):
 def test_lost_or_changed_template_fails_the_node(cfg, variant, message):
     store = ArtifactStore(cfg.artifact_root)
     with pytest.raises(NodeProcessError, match=message) as err:  # the node runs in its own process
-        pipeline.run_node("convert_gguf", cfg, _upstream(store, variant))
+        pipeline.run_node("convert_gguf_function_calling", cfg, _upstream(store, variant))
     assert err.value.child_type == ParityError.__name__
     assert "function_calling f16" in str(err.value)
-    assert not list(Path(cfg.artifact_root).glob("convert_gguf/*/manifest.json"))  # nothing committed
+    assert not list(
+        Path(cfg.artifact_root).glob("convert_gguf_function_calling/*/manifest.json")
+    )  # nothing committed
     assert "top-1" not in str(err.value)  # the logits agree: only the template check fails
 
 

@@ -152,10 +152,16 @@ def test_run_report_shows_nodes_eval_and_gate(tmp_path):
             "key": "r" * 64,
             "artifact": _artifact(tmp_path, "register", {}, {"registered.json": registered}),
         },
-        {"name": "convert_gguf", "status": "skipped", "seconds": 0.0, "key": "g" * 64, "artifact": None},
+        {
+            "name": "convert_gguf_extractor",
+            "status": "skipped",
+            "seconds": 0.0,
+            "key": "g" * 64,
+            "artifact": None,
+        },
     ]
     md = run_markdown(results, "tiny", "http://user:secret@mlflow:5000")
-    assert "| evaluate | ran | 3.0 |" in md and "| convert_gguf | skipped |" in md
+    assert "| evaluate | ran | 3.0 |" in md and "| convert_gguf_extractor | skipped |" in md
     assert "| function_calling | tool_name_accuracy | 0.8000 | 0.1000 |" in md
     assert "| classifier | macro_f1 | 0.7000 | – |" in md
     assert "held" in md and "equation_score 0.5 < champion 0.6" in md and "v2" in md

@@ -66,17 +66,22 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
         assert all(node["phases"][k] > 0 for k in ("load_s", "prepare_s", "first_step_s", "validate_s")), name
         assert node["compile_s"] == node["phases"]["first_step_s"]
     assert run["nodes"]["evaluate"]["evaluation_s"] > 0
-    gguf = run["nodes"]["convert_gguf"]
-    assert set(gguf["gguf"]) == {"function_calling.q8_0", "extractor.q8_0"}
-    assert gguf["gguf_bytes"] == sum(f["bytes"] for f in gguf["gguf"].values()) > 0
-    assert all(f["parity_s"] > 0 for f in gguf["gguf"].values())
+    for model in ("function_calling", "extractor"):
+        gguf = run["nodes"][f"convert_gguf_{model}"]
+        assert set(gguf["gguf"]) == {f"{model}.q8_0"}
+        assert gguf["gguf_bytes"] == sum(f["bytes"] for f in gguf["gguf"].values()) > 0
+        assert all(f["parity_s"] > 0 for f in gguf["gguf"].values())
     assert run["nodes"]["register"]["registration_s"] > 0
     # the intervals follow the DAG: data before training, evaluation after all training, register last
     n = run["nodes"]
     trained = [n[t] for t in ("train_function_calling", "train_extractor", "train_classifier")]
     assert all(n["prepare_data"]["finished"] <= t["started"] for t in trained)
     assert all(t["finished"] <= n["evaluate"]["started"] for t in trained)
-    assert n["register"]["started"] >= max(n["evaluate"]["finished"], n["convert_gguf"]["finished"])
+    # each export waits for its own training only
+    for model in ("function_calling", "extractor"):
+        assert n[f"convert_gguf_{model}"]["started"] >= n[f"train_{model}"]["finished"]
+    exports = (n["convert_gguf_function_calling"], n["convert_gguf_extractor"])
+    assert n["register"]["started"] >= max(n["evaluate"]["finished"], *(e["finished"] for e in exports))
 
 
 def test_warm_run_reruns_every_node_on_the_last_runs_state(tmp_path):

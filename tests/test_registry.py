@@ -162,7 +162,7 @@ def test_register_idempotent_alias_gate_promote_rollback_and_predict(cfg, capsys
 
     v1 = reg.list_versions(tr, "fc")[0]
     t = v1.tags
-    assert t["dagtune.artifact.gguf_q8_0.key"] == arts["convert_gguf"].key
+    assert t["dagtune.artifact.gguf_q8_0.key"] == arts["convert_gguf_function_calling"].key
     assert len(t["dagtune.artifact.gguf_q8_0.sha256"]) == 64 and len(t["dagtune.dataset_digest"]) == 64
     # tags: lineage and headline numbers only; the full evaluation block is an artifact of the run
     assert t["eval.exact_match"] == "0.8" and not any(k.startswith("eval.by_") for k in t)

@@ -223,7 +223,7 @@ def test_gc_keeps_recent_runs_plan_and_registered_versions(cfg):
     )
     assert not (store.root / ".scratch" / f"evaluate-{old.key}").exists()
     assert not (cfg.state_dir / "prefect-results" / "evaluate" / old.key).exists()
-    for node in ("train_function_calling", "convert_gguf", "train_classifier", "evaluate"):
+    for node in ("train_function_calling", "convert_gguf_function_calling", "train_classifier", "evaluate"):
         assert store.get(node, arts[node].key) is not None, node
     assert collect(cfg, keep_runs=0)["deleted"] == [f"evaluate/{arts['evaluate'].key}"]
 

@@ -157,11 +157,12 @@ def cfg(state_dir, tmp_path, tmp_path_factory, monkeypatch):
 
 
 def register(cfg, arts):
-    """The register node as the pipeline runs it; its upstream needs every node (train_extractor is
-    not registered by this config: a placeholder artifact)."""
+    """The register node as the pipeline runs it; its upstream needs every node (the extractor is not
+    registered by this config: placeholder artifacts for its training and export)."""
     store = ArtifactStore(cfg.artifact_root)
-    ex, _ = store.build("train_extractor", {"node": "train_extractor"}, lambda out, s: {})
-    upstream = {**arts, "train_extractor": ex}
+    upstream = dict(arts)
+    for node in ("train_extractor", "convert_gguf_extractor"):
+        upstream[node], _ = store.build(node, {"node": node}, lambda out, s: {})
     art, _ = run_node("register", cfg, upstream, force=True)
     return art, json.loads((art.dir / "registered.json").read_text())["models"]
 

@@ -1,6 +1,8 @@
-"""The ``convert_gguf`` node: each generative model's merged checkpoint → GGUF, parity-checked.
+"""The ``convert_gguf_<model>`` nodes: a generative model's merged checkpoint → GGUF, parity-checked.
 
-For each model in ``convert_gguf.models``: llama.cpp's own converter writes ``outtype`` (F16 by
+One node per model (``convert_gguf_function_calling``, ``convert_gguf_extractor``), both configured by
+the ``convert_gguf`` section, so each export starts when its own training ends. For a model in
+``convert_gguf.models``: llama.cpp's own converter writes ``outtype`` (F16 by
 default) from the training node's ``merged/`` directory, then each requested quantization is made and
 checked against the HF model in llama-cpp-python on the first ``parity_prompts`` test prompts of that
 model's task (``dagtune.gguf.parity``: token ids identical, next-token top-1 agreement over every prompt
@@ -132,28 +134,23 @@ def _export(ctx: NodeContext, model: str, device: str, n_threads: int) -> tuple[
     return files, failures
 
 
-def build(ctx: NodeContext) -> dict[str, Any]:
-    from concurrent.futures import ThreadPoolExecutor
-
+def build_model(ctx: NodeContext, model: str) -> dict[str, Any]:
+    """One model's export (the node ``convert_gguf_<model>``); nothing when ``convert_gguf.models``
+    leaves the model out."""
     from dagtune.gguf.parity import float32_reference
     from dagtune.runtime import resolve_device
     from dagtune.slots import host_cpus
 
     cfg = ctx.section
-    device = resolve_device(ctx.runtime.device)
-    models = list(cfg.models)
-    # transformers' lazy module is not safe to import from two threads at once ("cannot import name
-    # AutoTokenizer"): import what the exports use here, before the threads start.
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    # The models side by side: conversion is a subprocess and llama.cpp's C code runs without the GIL,
-    # so two exports take about the time of the longer one. llama.cpp's CPU work is most of the node
-    # (the GPU nodes beside it are launch-bound), so its threads split the host, not the slot's share.
-    n_threads = max(1, host_cpus() // max(1, len(models)))
-    with float32_reference(), ThreadPoolExecutor(max(1, len(models)), thread_name_prefix="gguf") as pool:
-        done = list(pool.map(lambda m: _export(ctx, m, device, n_threads), models))
-    metrics = {m: files for m, (files, _) in zip(models, done, strict=True)}
-    failures = [f for _, fails in done for f in fails]
+    if model not in cfg.models:
+        log.info("convert_gguf: %s is not in convert_gguf.models: no GGUF file", model)
+        return {model: {}}
+    # llama.cpp's CPU work is most of the node (the GPU nodes beside it are launch-bound), and the two
+    # models' exports can overlap: each takes half the host, not the slot's share.
+    n_threads = max(1, host_cpus() // max(1, len(cfg.models)))
+    with float32_reference():
+        files, failures = _export(ctx, model, resolve_device(ctx.runtime.device), n_threads)
+    metrics = {model: files}
     (ctx.out / "parity_report.md").write_text(_report(metrics), encoding="utf-8")
     if failures:
         # The report stays in the scratch dir for inspection; nothing is committed to the store.
@@ -164,6 +161,14 @@ def build(ctx: NodeContext) -> dict[str, Any]:
             + f" (report: {ctx.scratch / 'parity_report.md'})"
         )
     return metrics
+
+
+def build_function_calling(ctx: NodeContext) -> dict[str, Any]:
+    return build_model(ctx, "function_calling")
+
+
+def build_extractor(ctx: NodeContext) -> dict[str, Any]:
+    return build_model(ctx, "extractor")
 
 
 def _num(x: float | None) -> str:

@@ -116,14 +116,14 @@ def _components(model: str, cfg: Any, arts: Mapping[str, Artifact]) -> dict[str,
                 "path": str(train.dir / role),
             }
     quant = cfg.register.gguf_quantization
-    gguf_path = _gguf_file(arts.get("convert_gguf"), model, quant)
-    if gguf_path is not None:
-        gm = arts["convert_gguf"].manifest()
-        rel = gguf_path.relative_to(arts["convert_gguf"].dir).as_posix()
+    gguf = arts.get(f"convert_gguf_{model}")
+    gguf_path = _gguf_file(gguf, model, quant)
+    if gguf is not None and gguf_path is not None:
+        rel = gguf_path.relative_to(gguf.dir).as_posix()
         parts[f"gguf_{quant}"] = {
-            "node": "convert_gguf",
-            "key": arts["convert_gguf"].key,
-            "sha256": _file_sha(gm, rel) or "",
+            "node": gguf.node,
+            "key": gguf.key,
+            "sha256": _file_sha(gguf.manifest(), rel) or "",
             "path": str(gguf_path),
         }
     return parts
@@ -341,7 +341,7 @@ def register_pipeline(
 ) -> dict[str, Any]:
     """Track the pipeline run and register every model whose training artifact is present.
 
-    ``arts`` maps node name -> Artifact (prepare_data, train_*, evaluate, convert_gguf; missing ones
+    ``arts`` maps node name -> Artifact (prepare_data, train_*, evaluate, convert_gguf_*; missing ones
     are skipped). Returns ``{"parent_run_id", "models": {model: {...}}}``."""
     tracker = tracker or tracker_for(cfg)
     tags = pipeline_tags(
