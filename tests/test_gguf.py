@@ -272,8 +272,8 @@ def test_compare_top1_near_ties():
 
 
 def test_llama_loads_in_threads_keep_stdout(f16_gguf, tiny_model, prompts):
-    """convert_gguf checks its models in threads: llama-cpp-python's quiet load swaps fds 1 and 2, and two
-    at once used to leave the node's stdout (its log relay) on /dev/null."""
+    """Two parity checks can share a process (the convert_gguf nodes as threads): llama-cpp-python's quiet
+    load swaps fds 1 and 2, and two at once used to leave the node's stdout (its log relay) on /dev/null."""
     import os
     import sys
     from concurrent.futures import ThreadPoolExecutor

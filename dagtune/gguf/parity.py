@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 # llama-cpp-python's quiet mode swaps the process's stdout/stderr file descriptors while a Llama is built
 # (``suppress_stdout_stderr``): two threads doing it at once leave them pointing at /dev/null and can close
-# a descriptor another thread (the CUDA driver's) just opened. convert_gguf checks its models in threads.
+# a descriptor another thread (the CUDA driver's) just opened. Two parity checks can share a process (the
+# two convert_gguf nodes under runtime.isolation: thread).
 _LLAMA_LOCK = threading.Lock()
 
 
@@ -378,7 +379,7 @@ def _open_llama(gguf_file: Path, n_ctx: int, n_threads: int | None, gpu: bool) -
 
 
 # transformers' loading patches torch globally: two loads at once in one process fail ("Cannot copy out
-# of meta tensor"), and convert_gguf checks its models in threads side by side.
+# of meta tensor"), and two parity checks can share a process (runtime.isolation: thread).
 _LOAD_LOCK = threading.Lock()
 _TF32 = {"holders": 0, "saved": False}
 _TF32_LOCK = threading.Lock()
