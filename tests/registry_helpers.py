@@ -284,6 +284,15 @@ def build_artifacts(
     return arts
 
 
+def with_extractor_placeholders(store: ArtifactStore, arts: dict[str, Any]) -> dict[str, Any]:
+    """``arts`` plus empty artifacts for the extractor's training and export: register's upstream
+    needs every node, and write_config's register section leaves the extractor unregistered."""
+    out = dict(arts)
+    for node in ("train_extractor", "convert_gguf_extractor"):
+        out[node], _ = store.build(node, {"node": node, "placeholder": True}, lambda o, s: {})
+    return out
+
+
 def write_config(tmp_path: Path, names: tuple[str, str] = ("fc", "clf")) -> Path:
     """The packaged config + small retries and the test registered names, as a file of its own
     (so ``dagtune promote --config`` sees the same thing as the library calls)."""

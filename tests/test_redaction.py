@@ -12,7 +12,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from registry_helpers import MlflowServer, build_artifacts, fake_llama_cpp, migrated_db, write_config
+from registry_helpers import (
+    MlflowServer,
+    build_artifacts,
+    fake_llama_cpp,
+    migrated_db,
+    with_extractor_placeholders,
+    write_config,
+)
 
 from dagtune.config import load_config
 from dagtune.logs import NODE_LOG
@@ -53,11 +60,7 @@ def _leaks(root: Path) -> list[str]:
 
 
 def _register(cfg, store: ArtifactStore):
-    arts = build_artifacts(store)
-    # register's DAG has six upstream nodes; the stand-ins stand for the extractor as well (only
-    # function_calling and classifier are registered by write_config's register section).
-    arts["train_extractor"] = arts["train_function_calling"]
-    return run_node("register", cfg, arts)
+    return run_node("register", cfg, with_extractor_placeholders(store, build_artifacts(store)))
 
 
 @pytest.mark.parametrize("where", ["yaml", "env"])

@@ -13,7 +13,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from registry_helpers import build_artifacts, fake_llama_cpp, migrated_db, write_config
+from registry_helpers import (
+    build_artifacts,
+    fake_llama_cpp,
+    migrated_db,
+    with_extractor_placeholders,
+    write_config,
+)
 
 from dagtune.config import PromotionGate, load_config
 from dagtune.pipeline import run_node
@@ -157,13 +163,10 @@ def cfg(state_dir, tmp_path, tmp_path_factory, monkeypatch):
 
 
 def register(cfg, arts):
-    """The register node as the pipeline runs it; its upstream needs every node (the extractor is not
-    registered by this config: placeholder artifacts for its training and export)."""
+    """The register node as the pipeline runs it (the extractor, not registered by this config, as
+    placeholder artifacts)."""
     store = ArtifactStore(cfg.artifact_root)
-    upstream = dict(arts)
-    for node in ("train_extractor", "convert_gguf_extractor"):
-        upstream[node], _ = store.build(node, {"node": node}, lambda out, s: {})
-    art, _ = run_node("register", cfg, upstream, force=True)
+    art, _ = run_node("register", cfg, with_extractor_placeholders(store, arts), force=True)
     return art, json.loads((art.dir / "registered.json").read_text())["models"]
 
 
