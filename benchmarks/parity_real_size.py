@@ -4,7 +4,7 @@ Builds the real-shape FunctionGemma-270M (random init, ``train_throughput.py --_
 Q8_0 and runs ``dagtune.gguf.parity_check`` on ``--prompts`` chat prompts of ~``--tokens`` tokens, each
 variant in its own process (faulthandler on, so a native crash names its stack):
   gpu      llama.cpp offloaded (needs LLAMA_CPP_LIB_PATH = a CUDA build, scripts/build_llama_cuda.sh)
-  gpu2     two checks at once in two threads of one process, as the convert_gguf node runs its models
+  gpu2     two checks at once in two threads of one process (two convert_gguf nodes under thread isolation)
   cpu      llama.cpp on the CPU (the HF side stays on the GPU)
   llama_only  llama.cpp on the GPU in a process that never imports torch (evaluates the prompts only):
            tells a llama.cpp CUDA problem from a clash with torch's CUDA context
