@@ -77,7 +77,7 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
     trained = [n[t] for t in ("train_function_calling", "train_extractor", "train_classifier")]
     assert all(n["prepare_data"]["finished"] <= t["started"] for t in trained)
     assert all(t["finished"] <= n["evaluate"]["started"] for t in trained)
-    # each export waits for its own training only
+    # each export after its own training (NODES gives it no other training upstream)
     for model in ("function_calling", "extractor"):
         assert n[f"convert_gguf_{model}"]["started"] >= n[f"train_{model}"]["finished"]
     exports = (n["convert_gguf_function_calling"], n["convert_gguf_extractor"])
