@@ -2,7 +2,8 @@
 
 Kept: every artifact the last N runs used (``<state_dir>/runs.jsonl``, one line per `dagtune run`),
 the current config's plan, and every artifact a registered model version references (its
-``dagtune.artifacts`` tag). The registry must answer: without it nothing is deleted. Each deleted key
+``dagtune.artifacts`` tag), for the DAG's nodes and the retired ones (``RETIRED_NODES``). The registry
+must answer: without it nothing is deleted. Each deleted key
 also loses its scratch dir, lock file and Prefect record; temp dirs of killed runs go too. An
 artifact whose key lock is held (a run is building or reading it) is skipped.
 """
@@ -62,13 +63,13 @@ def collect(cfg: Any, keep_runs: int, dry_run: bool = False) -> dict[str, Any]:
     """Delete what is not kept; returns what was (or, dry_run, would be) deleted."""
     from filelock import FileLock, Timeout
 
-    from dagtune.pipeline import NODE_ORDER, plan
+    from dagtune.pipeline import NODE_ORDER, RETIRED_NODES, plan
 
     store = ArtifactStore(cfg.artifact_root)
     keep = recent_run_keys(cfg.state_dir, keep_runs) | registered_keys(cfg)
     keep |= {(n, p["key"]) for n, p in plan(cfg).items()}
     deleted, skipped, freed = [], [], 0
-    for node in NODE_ORDER:
+    for node in (*NODE_ORDER, *RETIRED_NODES):
         d = store.root / node
         for key_dir in sorted(d.iterdir()) if d.is_dir() else []:
             if (node, key_dir.name) in keep:

@@ -187,6 +187,9 @@ NODES: dict[str, Node] = {
     ]
 }
 NODE_ORDER = list(NODES)
+# Nodes the DAG no longer has, whose artifacts may still be in a store: `dagtune gc` keeps them while a
+# registered version or a recent run names them, and removes the rest.
+RETIRED_NODES = ("convert_gguf",)  # split into convert_gguf_function_calling / convert_gguf_extractor
 
 
 def settings_for(cfg: PipelineConfig, flow_run: dict[str, str | None] | None = None) -> Settings:

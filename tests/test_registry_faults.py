@@ -228,6 +228,25 @@ def test_gc_keeps_recent_runs_plan_and_registered_versions(cfg):
     assert collect(cfg, keep_runs=0)["deleted"] == [f"evaluate/{arts['evaluate'].key}"]
 
 
+def test_gc_collects_a_retired_nodes_artifacts_unless_kept(cfg):
+    """convert_gguf became one node per model: a store from before still holds convert_gguf/<key>
+    exports (GBs at real size). gc removes those nothing names, and keeps one a recent run used."""
+    from dagtune.gc import collect, record_run
+
+    store = ArtifactStore(cfg.artifact_root)
+    _run(cfg, build_artifacts(store))
+    old = [
+        store.build(
+            "convert_gguf", {"old": i}, lambda out, s: (out / "x.gguf").write_bytes(b"GGUF") and None
+        )[0]
+        for i in range(2)
+    ]
+    record_run(cfg.state_dir, "tiny", True, {"convert_gguf": old[1].key})
+    out = collect(cfg, keep_runs=1)
+    assert f"convert_gguf/{old[0].key}" in out["deleted"] and store.get("convert_gguf", old[0].key) is None
+    assert store.get("convert_gguf", old[1].key) is not None
+
+
 def test_gc_deletes_nothing_without_the_registry(cfg, monkeypatch, capsys):
     from registry_helpers import free_port
 
