@@ -3,9 +3,9 @@
 Kept: every artifact the last N runs used (``<state_dir>/runs.jsonl``, one line per `dagtune run`),
 the current config's plan, and every artifact a registered model version references (its
 ``dagtune.artifacts`` tag), for the DAG's nodes and the retired ones (``RETIRED_NODES``). The registry
-must answer: without it nothing is deleted. Each deleted key
-also loses its scratch dir, lock file and Prefect record; temp dirs of killed runs go too. An
-artifact whose key lock is held (a run is building or reading it) is skipped.
+must answer: without it nothing is deleted. Each deleted key also loses its scratch dir, lock file and
+Prefect record; temp dirs of killed runs go too. An artifact whose key lock is held (a run is building
+or reading it) is skipped.
 """
 
 from __future__ import annotations

@@ -45,11 +45,12 @@ def _gguf_headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def headline(node: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of a node's manifest metrics that the run log and the table show."""
-    special = {"evaluate": _evaluate_headline, "register": _register_headline}
-    if node in special:
-        return special[node](metrics)
-    if node.startswith("convert_gguf_"):
-        return _gguf_headline(metrics)
+    from dagtune.pipeline import NODES
+
+    special = {"evaluate": _evaluate_headline, "register": _register_headline, "convert_gguf": _gguf_headline}
+    section = NODES[node].section_name  # the two exports share one section, and its headline
+    if section in special:
+        return special[section](metrics)
     return {k: _short(metrics[k]) for k in HEADLINE_KEYS.get(node, ()) if k in metrics}
 
 

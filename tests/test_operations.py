@@ -176,6 +176,12 @@ def test_headline_of_training_picks_the_loss():
     }
 
 
+def test_headline_of_each_export_is_its_parity_top1():
+    """Both export nodes take the convert_gguf section's headline (one section, two nodes)."""
+    metrics = {"extractor": {"q8_0": {"parity": {"top1_agreement": 0.987654}}}}
+    assert headline("convert_gguf_extractor", metrics) == {"extractor_q8_0_top1": 0.9877}
+
+
 # -- status rows after a failure --------------------------------------------------------------------
 def test_failure_rows_use_build_seconds_and_mark_forced_old_artifact_failed(tmp_path):
     started = time.time()
