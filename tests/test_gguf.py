@@ -343,3 +343,36 @@ def test_llama_gpu_asked_for_but_unavailable_says_so(f16_gguf, tiny_model, promp
     r = parity_check(tiny_model, f16_gguf[0], prompts[:2], max_new_tokens=2, llama_gpu=True)
     assert r["llama_device"] == "cpu" and set(r["phase_seconds"]) >= {"llama_eval", "hf_forward"}
     assert any("llama.cpp on the GPU was asked for" in m for m in caplog.messages)
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_prefix_reuse_gives_the_logits_of_a_fresh_evaluation(f16_gguf):
+    """Parity evaluates a prompt from where it leaves the previous one (the shared instruction is not
+    computed 64 times): every logit row, reused and new, equals a fresh evaluation's, also after a
+    greedy continuation left extra tokens in the cache."""
+    import numpy as np
+
+    from dagtune.gguf import parity
+
+    llm = parity._open_llama(f16_gguf[0], 256, 1, gpu=False)
+    try:
+        shared = llm.tokenize(b"<start_of_turn>user\nExtract the equation from this line:", special=True)
+        first = shared + llm.tokenize(b" 12 + 30 = 42<end_of_turn>", add_bos=False, special=True)
+        second = shared + llm.tokenize(b" 7 * 6 = 42 apples<end_of_turn>", add_bos=False, special=True)
+        llm.reset()
+        llm.eval(second)
+        fresh = np.array(llm.scores[: len(second)])
+        llm.reset()
+        llm.eval(first)
+        parity._llama_greedy(llm, 4, set())  # the cache now also holds generated tokens
+        common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+        assert common >= len(shared)
+        assert parity._eval_reusing_prefix(llm, second) == common
+        reused = np.array(llm.scores[: len(second)])
+        assert llm.n_tokens == len(second)
+        np.testing.assert_allclose(reused, fresh, rtol=0, atol=1e-4)
+        assert parity._eval_reusing_prefix(llm, second) == len(second) - 1  # the same prompt: last token only
+        np.testing.assert_allclose(np.array(llm.scores[: len(second)]), fresh, rtol=0, atol=1e-4)
+    finally:
+        llm.close()

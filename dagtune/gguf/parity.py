@@ -16,6 +16,10 @@ Checks per prompt:
     trained and evaluated on). Below ``min_template_greedy_match`` the check fails: a template lost or
     changed in conversion serves different prompts than the model learned.
 
+llama.cpp evaluates each prompt from where it leaves the previous one (its KV cache and logit rows are
+kept for the shared prefix, as its own prompt cache does when serving): the prompts of a task share their
+instruction, tools and template, so most positions are computed once instead of once per prompt.
+
 BOS convention for (a)-(c): llama.cpp adds its own BOS (``tokenizer.ggml.add_bos_token``), so a prompt
 rendered by a chat template that starts with ``<bos>`` is tokenized by HF as written
 (``add_special_tokens=False``) and by llama.cpp with the leading ``<bos>`` stripped and ``add_bos=True``.
@@ -247,6 +251,20 @@ def _hf_greedy_batch(
     return out
 
 
+def _eval_reusing_prefix(llm: Any, ids: list[int]) -> int:
+    """Evaluate ``ids`` from the first position where they leave what ``llm`` holds (its KV cache and
+    logit rows for ``input_ids[:n_tokens]``), as llama-cpp-python's own generation and serving do with a
+    shared prompt prefix: the test prompts of a task start with the same instruction (and for the
+    function caller, the same developer turn and tools), so most of a prompt's positions were already
+    computed for the one before. At least the last token is evaluated again. Returns the reused length."""
+    held = llm.input_ids[: llm.n_tokens].tolist()
+    reused = _first_diff(held, ids)
+    reused = min(len(held) if reused is None else reused, len(ids) - 1)
+    llm.n_tokens = reused  # eval drops the KV cache from here on
+    llm.eval(ids[reused:])
+    return reused
+
+
 def _llama_greedy(llm: Any, max_new_tokens: int, stop: set[int]) -> list[int]:
     """Greedy continuation of what ``llm`` has evaluated so far."""
     import numpy as np
@@ -317,8 +335,7 @@ class _TemplateCheck:
         if ids == dataset_ids:
             self.same_ids += 1
         else:
-            llm.reset()
-            llm.eval(ids)
+            _eval_reusing_prefix(llm, ids)
             ll_gen = _llama_greedy(llm, max_new_tokens, stop)
         self.matches.append(ll_gen == hf_gen)
         if ll_gen != hf_gen and len(self.examples) < 5:
@@ -420,6 +437,7 @@ class _Clock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -428,6 +446,9 @@ class _Clock:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def count(self, name: str, n: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
@@ -471,8 +492,7 @@ def _prompt_logits(
     with clock.phase("hf_forward"), torch.no_grad():
         out = model(input_ids=torch.tensor([h_ids], device=next(model.parameters()).device), use_cache=False)
     with clock.phase("llama_eval"):
-        llm.reset()
-        llm.eval(l_ids)
+        clock.count("llama_reused_positions", _eval_reusing_prefix(llm, l_ids))
         ll_logits = torch.from_numpy(np.ascontiguousarray(llm.scores[: len(l_ids)], dtype=np.float32))
     v = min(out.logits.shape[-1], ll_logits.shape[-1])
     hf_logits = out.logits[0, :, :v].float()  # stays on the model's device, as do the reductions
@@ -634,6 +654,9 @@ def parity_check(
         "gguf_file": str(gguf_file),
         "llama_device": "gpu" if gpu else "cpu",
         "phase_seconds": clock.rounded(),
+        "llama_positions_evaluated": sum(map(len, ll_ids_all))
+        - clock.counts.get("llama_reused_positions", 0),
+        "llama_positions_reused": clock.counts.get("llama_reused_positions", 0),
         "token_id_mismatches": mismatches[:max_mismatch_records],
     }
     min_template = min_template_greedy_match if chats is not None else None
