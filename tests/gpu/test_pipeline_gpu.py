@@ -62,5 +62,5 @@ def test_tiny_pipeline_on_gpu_with_unsloth(tmp_path):
         assert m["steps"] > 0 and m["peak_memory_kind"] == "cuda_max_allocated"
         assert m["load_in_4bit"] == (name != "train_function_calling"), (name, m["load_in_4bit"])
     print(json.dumps({n["name"]: round(n["seconds"], 1) for n in out["nodes"]}))
-    print(json.dumps({k: manifests[k]["metrics"] for k in ("evaluate", "convert_gguf", "register")},
+    print(json.dumps({k: manifests[k]["metrics"] for k in ("evaluate", "convert_gguf_function_calling", "convert_gguf_extractor", "register")},
                      default=str)[:4000])  # fmt: skip
