@@ -34,6 +34,10 @@ def test_tiny_pipeline_on_gpu_with_unsloth(tmp_path):
         "runtime": {"device": "auto", "backend": "auto"},
         "train_extractor": four_bit,
         "train_classifier": four_bit,
+        # The tiny function caller trained in bf16 has top-1 margins below Q8_0's rounding on some of its
+        # 40 prompts: greedy continuations through llama.cpp matched 33 (0.825). A template lost in
+        # conversion matches none; the real-size benchmark holds the default 0.95.
+        "convert_gguf": {"min_template_greedy_match": 0.7},
     }
     raw["profiles"]["tiny"] = deep_merge(raw["profiles"]["tiny"], gpu)
     cfg = tmp_path / "gpu.yaml"
