@@ -16,9 +16,10 @@ Checks per prompt:
     trained and evaluated on). Below ``min_template_greedy_match`` the check fails: a template lost or
     changed in conversion serves different prompts than the model learned.
 
-llama.cpp evaluates each prompt from where it leaves the previous one (its KV cache and logit rows are
-kept for the shared prefix, as its own prompt cache does when serving): the prompts of a task share their
-instruction, tools and template, so most positions are computed once instead of once per prompt.
+llama.cpp takes the prompts in token order and evaluates each from where it leaves the previous one (its
+KV cache and logit rows are kept for the shared prefix, as its own prompt cache does when serving): the
+prompts of a task share their template and instruction, and in token order the function caller's prompts
+with the same tools are neighbours, so most positions are computed once instead of once per prompt.
 
 BOS convention for (a)-(c): llama.cpp adds its own BOS (``tokenizer.ggml.add_bos_token``), so a prompt
 rendered by a chat template that starts with ``<bos>`` is tokenized by HF as written
@@ -150,12 +151,12 @@ class _Last:
     margin: list[float] = field(default_factory=list)
     flips: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, hf_last: Any, ll_last: Any) -> None:
+    def add(self, hf_last: Any, ll_last: Any, prompt: int) -> None:
         hf_last, ll_last = _tensors(hf_last, ll_last)
         diff = (hf_last - ll_last).abs()
         agree, flip = compare_top1(hf_last, ll_last, self.tolerance)
         if flip:
-            self.flips.append({"prompt": len(self.top1), **flip})
+            self.flips.append({"prompt": prompt, **flip})
         self.top1.append(agree)
         self.max_diff.append(float(diff.max()))
         self.mean_diff.append(float(diff.mean()))
@@ -166,7 +167,7 @@ class _Last:
         return {
             "top1_agreement": sum(self.top1) / n,
             "top1_agreement_ties_ok": (sum(self.top1) + sum(t["tie"] for t in self.flips)) / n,
-            "top1_disagreements": self.flips,
+            "top1_disagreements": sorted(self.flips, key=lambda f: f["prompt"]),
             "max_abs_logit_diff": max(self.max_diff),
             "mean_abs_logit_diff": sum(self.mean_diff) / len(self.mean_diff),
             "hf_top1_margin_min": min(self.margin),
@@ -311,6 +312,7 @@ class _TemplateCheck:
 
     def add(
         self,
+        prompt: int,
         llm: Any,
         chat: Chat,
         dataset: tuple[list[int], list[int]],
@@ -328,9 +330,7 @@ class _TemplateCheck:
         except (jinja2.TemplateError, ValueError, TypeError) as e:  # a template that cannot render it
             self.matches.append(False)
             if len(self.examples) < 5:
-                self.examples.append(
-                    {"prompt": len(self.matches) - 1, "render_error": f"{type(e).__name__}: {e}"}
-                )
+                self.examples.append({"prompt": prompt, "render_error": f"{type(e).__name__}: {e}"})
             return
         if ids == dataset_ids:
             self.same_ids += 1
@@ -340,7 +340,7 @@ class _TemplateCheck:
         self.matches.append(ll_gen == hf_gen)
         if ll_gen != hf_gen and len(self.examples) < 5:
             self.examples.append(
-                {"prompt": len(self.matches) - 1, "rendered_len": len(ids), "dataset_len": len(dataset_ids)}
+                {"prompt": prompt, "rendered_len": len(ids), "dataset_len": len(dataset_ids)}
             )
 
     def summary(self, n: int) -> dict[str, Any]:
@@ -522,10 +522,14 @@ def _compare_prompts(
         batch = _greedy_batch_size(model)
         hf_gens = _hf_greedy_batch(model, hf_ids_all[:n_greedy], max_new_tokens, stop, pad_id, batch)
     hf_absmax, t_start = 0.0, time.perf_counter()
-    for i, (h_ids, l_ids) in enumerate(zip(hf_ids_all, ll_ids_all, strict=True)):
+    # In token order, prompts with the same instruction and tools are neighbours: each is evaluated from
+    # where it leaves the one before (_eval_reusing_prefix). The sums below do not depend on the order.
+    order = sorted(range(n), key=lambda i: ll_ids_all[i])
+    for done, i in enumerate(order, 1):
+        h_ids, l_ids = hf_ids_all[i], ll_ids_all[i]
         hf_logits, ll_logits = _prompt_logits(model, llm, h_ids, l_ids, clock)
         with clock.phase("compare"):
-            last.add(hf_logits[-1], ll_logits[-1])
+            last.add(hf_logits[-1], ll_logits[-1], i)
             hf_absmax = max(hf_absmax, float(hf_logits.abs().max()))
             if h_ids == l_ids:
                 allpos.add(hf_logits, ll_logits)
@@ -536,9 +540,9 @@ def _compare_prompts(
             greedy.add(hf_gens[i], ll_gen)
             if check_template:
                 with clock.phase("template"):
-                    tpl.add(llm, chats[i], (l_ids, ll_gen), hf_gens[i], max_new_tokens, stop)
-        if (i + 1) % 16 == 0 and i + 1 < n:
-            logger.info("parity: %d/%d prompts compared in %.1fs", i + 1, n, time.perf_counter() - t_start)
+                    tpl.add(i, llm, chats[i], (l_ids, ll_gen), hf_gens[i], max_new_tokens, stop)
+        if done % 16 == 0 and done < n:
+            logger.info("parity: %d/%d prompts compared in %.1fs", done, n, time.perf_counter() - t_start)
     return {
         **last.summary(n),
         **allpos.summary(),
