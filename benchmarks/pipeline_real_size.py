@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "device": None,  # named after the runs: no CUDA context in this process while they run
         "host": platform.node(),
+        "cpus": len(os.sched_getaffinity(0)),  # the lane's share of the host (taskset), not all of it
         "profile": profile,
         "models": models,
         "model_build_s": build_s,
