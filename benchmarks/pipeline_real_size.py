@@ -26,7 +26,7 @@ What it does:
 4. writes JSON (device named): per run the DAG's wall seconds, and per node its status, wall seconds
    and start/end (from the training slot's acquisition, logged by the flow, or the manifest's
    ``timings.started``, to ``timings.finished``), the training phases the training manifests
-   report (``timings: load_s, first_step_s, steady_s, merge_s, save_s``, ``steady_tokens_per_s``,
+   report (``timings: startup_s, load_s, first_step_s, steady_s, merge_s, save_s``, ``steady_tokens_per_s``,
    ``peak_mem_gib``; null when a manifest has none), compile seconds (= ``first_step_s``), the GPU
    busy fraction over the node's interval (mean NVML utilisation of the samples inside it) and the
    peak memory NVML saw there, evaluate's generation seconds, convert_gguf_*'s conversion /
@@ -62,6 +62,7 @@ MODELS = {
     "train_classifier": ("phi-4-mini", "tiny-phi3", "classifier"),
 }
 PHASES = (
+    "startup_s",
     "load_s",
     "prepare_s",
     "first_step_s",
@@ -275,6 +276,9 @@ def node_record(
         rec.update(_gguf_numbers(manifest))
     elif name == "register":
         rec["registration_s"] = t.get("seconds")
+        registered = Path(row["artifact"]) / "registered.json"
+        if registered.is_file():  # connect, the runs, each model (dagtune.registry.node.register_pipeline)
+            rec["register_phases"] = json.loads(registered.read_text()).get("seconds")
     return rec
 
 
@@ -415,9 +419,9 @@ def markdown_table(run: dict[str, Any]) -> str:
     lines = [
         f"{run['label']} run: DAG {run['dag_wall_s']} s, ok {run['ok']}",
         "",
-        "| node | status | wall s | load s | prepare s | first step (compile) s | steady s | checkpoints s "
+        "| node | status | wall s | start-up s | load s | prepare s | first step (compile) s | steady s | checkpoints s "
         "| validate s | merge s | save s | steady tok/s | peak GiB | GPU busy | other |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, n in run["nodes"].items():
         ph = n.get("phases") or {}
@@ -431,7 +435,8 @@ def markdown_table(run: dict[str, Any]) -> str:
                 for k, f in (n.get("gguf") or {}).items()
             )
         elif name == "register":
-            other = f"registration {_cell(n.get('registration_s'))} s"
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in (n.get("register_phases") or {}).items())
+            other = f"registration {_cell(n.get('registration_s'))} s" + (f" ({phases})" if phases else "")
         lines.append(
             f"| {name} | {n['status']} | {_cell(n.get('wall_s'))} | "
             + " | ".join(_cell(ph.get(k)) for k in PHASES)

@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,13 @@ log = logging.getLogger("dagtune")
 MARK = "\x1edagtune-log\x1f"  # prefix of a stdout line that carries a dagtune log record
 SPEC = "node-spec.json"
 TAIL_LINES = 30
+SPAWNED_AT = "DAGTUNE_NODE_SPAWNED_AT"  # epoch seconds at which the parent started this node's process
+
+
+def startup_seconds() -> float | None:
+    """Seconds since the parent started this node's process (None when the node runs in-process)."""
+    at = os.environ.get(SPAWNED_AT)
+    return round(time.time() - float(at), 3) if at else None
 
 
 class NodeProcessError(RuntimeError):
@@ -90,6 +98,7 @@ def child_env(devices: list[str], threads: int | None = None) -> dict[str, str]:
     # "" hides every GPU: a node scheduled on the CPU must not touch one another node is using
     env["CUDA_VISIBLE_DEVICES"] = ",".join(d for d in devices if d != "cpu")
     env["PYTHONUNBUFFERED"] = "1"
+    env[SPAWNED_AT] = repr(time.time())  # the child's start-up (interpreter, imports) is timed from here
     # the parent's sys.path (a worktree or a test's PYTHONPATH) is the child's: same code either way
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     return env

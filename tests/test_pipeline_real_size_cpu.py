@@ -61,9 +61,12 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
     assert run["gpu"]["samples"] == 0 and run["gpu"]["error"]
     for name in ("train_function_calling", "train_extractor", "train_classifier"):
         node = run["nodes"][name]
-        assert set(node["phases"]) == {"load_s", "prepare_s", "first_step_s", "steady_s", "checkpoint_s",
-                                       "validate_s", "merge_s", "save_s"}  # fmt: skip
-        assert all(node["phases"][k] > 0 for k in ("load_s", "prepare_s", "first_step_s", "validate_s")), name
+        assert set(node["phases"]) == {"startup_s", "load_s", "prepare_s", "first_step_s", "steady_s",
+                                       "checkpoint_s", "validate_s", "merge_s", "save_s"}  # fmt: skip
+        phases = ("startup_s", "load_s", "prepare_s", "first_step_s", "validate_s")
+        assert all(node["phases"][k] > 0 for k in phases), name
+        # each node in its own process: its start-up is within the node's wall time, before the rest
+        assert node["phases"]["startup_s"] + node["phases"]["load_s"] < node["wall_s"], name
         assert node["compile_s"] == node["phases"]["first_step_s"]
     assert run["nodes"]["evaluate"]["evaluation_s"] > 0
     for model in ("function_calling", "extractor"):
@@ -72,6 +75,13 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
         assert gguf["gguf_bytes"] == sum(f["bytes"] for f in gguf["gguf"].values()) > 0
         assert all(f["parity_s"] > 0 for f in gguf["gguf"].values())
     assert run["nodes"]["register"]["registration_s"] > 0
+    assert set(run["nodes"]["register"]["register_phases"]) == {
+        "connect",
+        "runs",
+        "function_calling",
+        "extractor",
+        "classifier",
+    }
     # the intervals follow the DAG: data before training, evaluation after all training, register last
     n = run["nodes"]
     trained = [n[t] for t in ("train_function_calling", "train_extractor", "train_classifier")]

@@ -110,6 +110,9 @@ def _run(cfg, arts, flow="flow-1"):
 def test_tracking_runs_params_step_metrics_and_artifacts(cfg):
     arts = build_artifacts(ArtifactStore(cfg.artifact_root))
     out = _run(cfg, arts, flow="f-123")
+    # where registration's time goes: connecting, the runs, each model
+    assert list(out["seconds"]) == ["connect", "runs", *out["models"]]
+    assert all(v >= 0 for v in out["seconds"].values())
     c = tracker_for(cfg).client
     parent = c.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,8 +343,19 @@ def register_pipeline(
     """Track the pipeline run and register every model whose training artifact is present.
 
     ``arts`` maps node name -> Artifact (prepare_data, train_*, evaluate, convert_gguf_*; missing ones
-    are skipped). Returns ``{"parent_run_id", "models": {model: {...}}}``."""
+    are skipped). Returns ``{"parent_run_id", "models": {model: {...}}, "seconds": {phase: s}}``: the
+    seconds of connecting, of the pipeline and node runs, and of each model (logging, gate, aliases)."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+
     tracker = tracker or tracker_for(cfg)
+    lap("connect")
     tags = pipeline_tags(
         flow_run_id=run.flow_run_id,
         flow_run_url=run.flow_run_url,
@@ -371,9 +383,13 @@ def register_pipeline(
                 step_metrics=read_jsonl(art.dir / "train_log.jsonl"),
                 tags={TAG_ARTIFACT_KEY: art.key},
             )
+        lap("runs")
         for model in cfg.register.models:
             if TRAIN_NODE[model] in arts:
                 out["models"][model] = register_model(tracker, cfg, model, arts, node_runs, run)
+                lap(model)
+    out["seconds"] = seconds
+    log.info("register: %s", ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return out
 
 

@@ -358,15 +358,17 @@ def node_callbacks(node: str, train_log: TrainLog, timer: StepTimer) -> list[Any
 class StepTimer:
     """The public timing hook of a training node (its ``callback()`` goes into the Trainer): wall time of
     the first optimizer step (compile, autotune; ends with a device synchronize), of the steady steps after
-    it, their non-pad tokens, peak GPU memory; the node's ``phase``s (load, prepare, validate, merge,
-    save); checkpoint writes, from the end of the step before (they also count into the steady time).
+    it, their non-pad tokens, peak GPU memory; the node's ``phase``s (its process's start-up, load,
+    prepare, validate, merge, save); checkpoint writes, from the end of the step before (they also count into the steady time).
     ``sync_every_step`` (benchmarks) synchronizes after every step so each one's time is its own."""
 
     def __init__(self, device: str, sync_every_step: bool = False):
         self.device = device
         self.sync_every_step = sync_every_step
-        phases = ("load_s", "prepare_s", "checkpoint_s", "validate_s", "merge_s", "save_s")
-        self.phases: dict[str, float | None] = dict.fromkeys(phases)  # prepare: tokenize, build trainer
+        phases = ("startup_s", "load_s", "prepare_s", "checkpoint_s", "validate_s", "merge_s", "save_s")
+        # startup: the node's process start to its load (interpreter, imports, CUDA, the backend's import)
+        # prepare: tokenize, build trainer
+        self.phases: dict[str, float | None] = dict.fromkeys(phases)
         self.t0: float | None = None
         self.t_end: float | None = None
         self.ends: list[float] = []
@@ -482,7 +484,9 @@ def decide_runtime(ctx: Any) -> Runtime:
 def load(ctx: Any, rt: Runtime, timer: StepTimer, **kw: Any) -> tuple[Loaded, TrainLog]:
     """Base + LoRA through the runtime (timed), and the node's train log in its scratch directory."""
     from dagtune.models import resolve_model
+    from dagtune.node_process import startup_seconds
 
+    timer.phases["startup_s"] = startup_seconds()
     model = ctx.section.model  # under torchrun rank 0 builds or downloads the base model, then the others
     with timer.phase("load_s"):
         ddp.main_first(lambda: resolve_model(model.name, ctx.store, model.revision))
