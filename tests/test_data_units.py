@@ -437,3 +437,25 @@ def test_saved_hf_dataset_reads_like_the_jsonl(tmp_path):
     drop_source = [{k: v for k, v in e.items() if k != "source"} for e in from_hf]
     assert drop_source == [{k: v for k, v in e.items() if k != "source"} for e in from_file]
     assert catalog_hf.tools == catalog_file.tools and len(catalog_file) == 29
+
+
+def test_token_counts_use_every_cpu_and_leave_the_runners_setting(monkeypatch):
+    """prepare_data counts tokens with the fast tokenizer's parallel batch encoding, then the process is
+    back to the runner's TOKENIZERS_PARALLELISM=false (node processes are started after it)."""
+    import os
+
+    from dagtune.data import render
+
+    seen = []
+
+    class Tok:
+        def __call__(self, texts, add_special_tokens):
+            seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+            return {"input_ids": [t.split() for t in texts]}
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    assert render.count_tokens(Tok(), ["a b c", "d"]) == [3, 1]
+    assert seen == ["true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    render.count_tokens(Tok(), ["x"])
+    assert "TOKENIZERS_PARALLELISM" not in os.environ

@@ -9,6 +9,9 @@ what the template renders for the whole conversation and starts with ``prompt`` 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
@@ -136,11 +139,29 @@ def render_classifier(tokenizer: Any, ex: dict[str, Any]) -> dict:
     return {**row, "label": int(ex["label"])}
 
 
+@contextmanager
+def parallel_tokenizers() -> Iterator[None]:
+    """The fast tokenizers' batch encoding on every CPU for the block. The runner turns it off for the
+    process (TOKENIZERS_PARALLELISM=false: node processes start later), which left prepare_data counting
+    the nightly run's tokens on one core; the Rust side reads the variable at each batch call."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
 def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
     """Token counts of already-rendered text: the template wrote <bos> itself, so add none here."""
     if not texts:
         return []
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    with parallel_tokenizers():
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [len(x) for x in ids]
 
 
 def render_split(
