@@ -356,6 +356,8 @@ def run_flow(
         }
     slots = slot_times(log_path.read_text(errors="replace"))
     nodes = {row["name"]: node_record(row, sampler, slots) for row in out.get("nodes", [])}
+    from dagtune.pipeline import NODES
+
     return {
         "label": label,
         "interrupted": interrupted,
@@ -371,6 +373,7 @@ def run_flow(
             "busy_fraction_whole_run": sampler.whole() if sampler.samples else None,
         },
         "nodes": nodes,
+        "critical_path": critical_path(nodes, {k: n.upstream for k, n in NODES.items()}),
         "log": str(log_path),
     }
 
@@ -419,6 +422,7 @@ def markdown_table(run: dict[str, Any]) -> str:
     lines = [
         f"{run['label']} run: DAG {run['dag_wall_s']} s, ok {run['ok']}",
         "",
+        *([critical_path_line(run["critical_path"]), ""] if run.get("critical_path") else []),
         "| node | status | wall s | start-up s | load s | prepare s | first step (compile) s | steady s | checkpoints s "
         "| validate s | merge s | save s | steady tok/s | peak GiB | GPU busy | other |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -444,6 +448,32 @@ def markdown_table(run: dict[str, Any]) -> str:
             f"| {_cell(n.get('gpu_busy_fraction'), '{:.0%}')} | {other} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def critical_path(
+    nodes: dict[str, dict[str, Any]], upstream: dict[str, tuple[str, ...]]
+) -> list[dict[str, Any]]:
+    """The chain that set the run's length: from the node that finished last, back through the upstream
+    node that finished last before it (the one it waited for). Times in seconds from the first node's
+    start; ``gap_s`` = the wait between that upstream's end and the node's start (flow overhead)."""
+    ran = {k: v for k, v in nodes.items() if v.get("started") is not None and v.get("finished") is not None}
+    if not ran:
+        return []
+    t0 = min(v["started"] for v in ran.values())
+    chain, name = [], max(ran, key=lambda k: ran[k]["finished"])
+    while name is not None:
+        n = ran[name]
+        before = [u for u in upstream.get(name, ()) if u in ran]
+        prev = max(before, key=lambda u: ran[u]["finished"], default=None)
+        gap = n["started"] - ran[prev]["finished"] if prev else n["started"] - t0
+        chain.append({"node": name, "start_s": round(n["started"] - t0, 1), "end_s": round(n["finished"] - t0, 1),
+                      "gap_s": round(gap, 1)})  # fmt: skip
+        name = prev
+    return chain[::-1]
+
+
+def critical_path_line(chain: list[dict[str, Any]]) -> str:
+    return "critical path: " + " → ".join(f"{c['node']} {c['start_s']:.0f}-{c['end_s']:.0f} s" for c in chain)
 
 
 def run_plan(mode: str, only: list[str] | None) -> list[tuple[str, list[str]]]:

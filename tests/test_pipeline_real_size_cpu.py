@@ -69,6 +69,8 @@ def test_cpu_tiny_mode_runs_the_whole_dag_and_reports_every_node(tmp_path, monke
         assert node["phases"]["startup_s"] + node["phases"]["load_s"] < node["wall_s"], name
         assert node["compile_s"] == node["phases"]["first_step_s"]
     assert run["nodes"]["evaluate"]["evaluation_s"] > 0
+    path = [c["node"] for c in run["critical_path"]]
+    assert path[0] == "prepare_data" and path[-1] == "register", path
     for model in ("function_calling", "extractor"):
         gguf = run["nodes"][f"convert_gguf_{model}"]
         assert set(gguf["gguf"]) == {f"{model}.q8_0"}
@@ -105,3 +107,24 @@ def test_warm_run_reruns_every_node_on_the_last_runs_state(tmp_path):
     with pytest.raises(SystemExit, match="no earlier run's compile cache"):
         bench.main(["--warm-only", "--device", "cpu", "--tiny", "--state-dir", str(tmp_path / "none"),
                     "--out", str(tmp_path / "x.json")])  # fmt: skip
+
+
+def test_critical_path_follows_the_upstream_each_node_waited_for():
+    """From the node that finished last, back through the upstream that finished last before it: a
+    shorter sibling branch (b) and a node not upstream (d) stay off the path."""
+    nodes = {
+        "a": {"started": 100.0, "finished": 110.0},
+        "b": {"started": 110.5, "finished": 130.0},
+        "c": {"started": 110.5, "finished": 150.0},
+        "d": {"started": 111.0, "finished": 170.0},
+        "e": {"started": 152.0, "finished": 160.0},
+        "f": {"started": 171.0, "finished": 180.0},
+        "skipped": {"started": None, "finished": None},
+    }
+    upstream = {"b": ("a",), "c": ("a",), "d": ("a",), "e": ("b", "c"), "f": ("e", "skipped", "d")}
+    chain = _benchmark().critical_path(nodes, upstream)
+    assert [c["node"] for c in chain] == ["a", "d", "f"]
+    assert chain[-1] == {"node": "f", "start_s": 71.0, "end_s": 80.0, "gap_s": 1.0}
+    upstream["f"] = ("e",)
+    assert [c["node"] for c in _benchmark().critical_path(nodes, upstream)] == ["a", "c", "e", "f"]
+    assert _benchmark().critical_path({}, upstream) == []
