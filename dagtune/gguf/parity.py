@@ -543,7 +543,10 @@ def _compare_prompts(
                     tpl.add(i, llm, chats[i], (l_ids, ll_gen), hf_gens[i], max_new_tokens, stop)
         if done % 16 == 0 and done < n:
             logger.info("parity: %d/%d prompts compared in %.1fs", done, n, time.perf_counter() - t_start)
+    reused = clock.counts.get("llama_reused_positions", 0)
     return {
+        "llama_positions_evaluated": sum(map(len, ll_ids_all)) - reused,
+        "llama_positions_reused": reused,
         **last.summary(n),
         **allpos.summary(),
         "hf_logit_absmax": hf_absmax,
@@ -658,9 +661,6 @@ def parity_check(
         "gguf_file": str(gguf_file),
         "llama_device": "gpu" if gpu else "cpu",
         "phase_seconds": clock.rounded(),
-        "llama_positions_evaluated": sum(map(len, ll_ids_all))
-        - clock.counts.get("llama_reused_positions", 0),
-        "llama_positions_reused": clock.counts.get("llama_reused_positions", 0),
         "token_id_mismatches": mismatches[:max_mismatch_records],
     }
     min_template = min_template_greedy_match if chats is not None else None

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dagtune.jsonl import read_records
+from dagtune.node_process import startup_seconds
 from dagtune.runtime import Loaded, Runtime, dtype_name
 from dagtune.training import ddp
 
@@ -356,23 +357,20 @@ def node_callbacks(node: str, train_log: TrainLog, timer: StepTimer) -> list[Any
 # the timing hook
 # ----------------------------------------------------------------------------------------------
 class StepTimer:
-    """The public timing hook of a training node (its ``callback()`` goes into the Trainer): wall time of
-    the first optimizer step (compile, autotune; ends with a device synchronize), of the steady steps after
-    it, their non-pad tokens, peak GPU memory; the node's ``phase``s (its process's start-up, load,
-    prepare, validate, merge, save); checkpoint writes, from the end of the step before (they also count into the steady time).
+    """A training node's timing hook (its ``callback()`` goes into the Trainer): the first optimizer step
+    (compile, autotune; ends synchronized), the steady steps, their non-pad tokens, peak GPU memory; the
+    ``phase``s: start-up (its process's start to here, just before the load), load, prepare (tokenize,
+    build the trainer), validate, merge, save, and checkpoint writes (also in the steady time).
     ``sync_every_step`` (benchmarks) synchronizes after every step so each one's time is its own."""
 
     def __init__(self, device: str, sync_every_step: bool = False):
         self.device = device
         self.sync_every_step = sync_every_step
-        phases = ("startup_s", "load_s", "prepare_s", "checkpoint_s", "validate_s", "merge_s", "save_s")
-        # startup: the node's process start to its load (interpreter, imports, CUDA, the backend's import)
-        # prepare: tokenize, build trainer
-        self.phases: dict[str, float | None] = dict.fromkeys(phases)
+        phases = ("load_s", "prepare_s", "checkpoint_s", "validate_s", "merge_s", "save_s")
+        self.phases: dict[str, float | None] = {"startup_s": startup_seconds(), **dict.fromkeys(phases)}
         self.t0: float | None = None
         self.t_end: float | None = None
-        self.ends: list[float] = []
-        self.tokens: list[int] = []
+        self.ends, self.tokens = [], []  # step end times, tokens seen at each
         self.peak_allocated_bytes: int | None = None
         self.peak_reserved_bytes: int | None = None
 
@@ -484,9 +482,7 @@ def decide_runtime(ctx: Any) -> Runtime:
 def load(ctx: Any, rt: Runtime, timer: StepTimer, **kw: Any) -> tuple[Loaded, TrainLog]:
     """Base + LoRA through the runtime (timed), and the node's train log in its scratch directory."""
     from dagtune.models import resolve_model
-    from dagtune.node_process import startup_seconds
 
-    timer.phases["startup_s"] = startup_seconds()
     model = ctx.section.model  # under torchrun rank 0 builds or downloads the base model, then the others
     with timer.phase("load_s"):
         ddp.main_first(lambda: resolve_model(model.name, ctx.store, model.revision))
