@@ -437,7 +437,6 @@ class _Clock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -446,9 +445,6 @@ class _Clock:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-    def count(self, name: str, n: int) -> None:
-        self.counts[name] = self.counts.get(name, 0) + n
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
@@ -484,19 +480,20 @@ class _Greedy:
 
 def _prompt_logits(
     model: Any, llm: Any, h_ids: list[int], l_ids: list[int], clock: _Clock
-) -> tuple[Any, Any]:
-    """One prompt's (positions, vocab) logits from both sides, on the HF model's device."""
+) -> tuple[Any, Any, int]:
+    """One prompt's (positions, vocab) logits from both sides, on the HF model's device, and how many
+    of its positions llama.cpp reused from the prompt before."""
     import numpy as np
     import torch
 
     with clock.phase("hf_forward"), torch.no_grad():
         out = model(input_ids=torch.tensor([h_ids], device=next(model.parameters()).device), use_cache=False)
     with clock.phase("llama_eval"):
-        clock.count("llama_reused_positions", _eval_reusing_prefix(llm, l_ids))
+        reused = _eval_reusing_prefix(llm, l_ids)
         ll_logits = torch.from_numpy(np.ascontiguousarray(llm.scores[: len(l_ids)], dtype=np.float32))
     v = min(out.logits.shape[-1], ll_logits.shape[-1])
     hf_logits = out.logits[0, :, :v].float()  # stays on the model's device, as do the reductions
-    return hf_logits, ll_logits[:, :v].to(hf_logits.device)
+    return hf_logits, ll_logits[:, :v].to(hf_logits.device), reused
 
 
 def _compare_prompts(
@@ -521,13 +518,14 @@ def _compare_prompts(
     with clock.phase("hf_greedy"):
         batch = _greedy_batch_size(model)
         hf_gens = _hf_greedy_batch(model, hf_ids_all[:n_greedy], max_new_tokens, stop, pad_id, batch)
-    hf_absmax, t_start = 0.0, time.perf_counter()
+    hf_absmax, reused, t_start = 0.0, 0, time.perf_counter()
     # In token order, prompts with the same instruction and tools are neighbours: each is evaluated from
     # where it leaves the one before (_eval_reusing_prefix). The sums below do not depend on the order.
     order = sorted(range(n), key=lambda i: ll_ids_all[i])
     for done, i in enumerate(order, 1):
         h_ids, l_ids = hf_ids_all[i], ll_ids_all[i]
-        hf_logits, ll_logits = _prompt_logits(model, llm, h_ids, l_ids, clock)
+        hf_logits, ll_logits, prefix = _prompt_logits(model, llm, h_ids, l_ids, clock)
+        reused += prefix
         with clock.phase("compare"):
             last.add(hf_logits[-1], ll_logits[-1], i)
             hf_absmax = max(hf_absmax, float(hf_logits.abs().max()))
@@ -543,7 +541,6 @@ def _compare_prompts(
                     tpl.add(i, llm, chats[i], (l_ids, ll_gen), hf_gens[i], max_new_tokens, stop)
         if done % 16 == 0 and done < n:
             logger.info("parity: %d/%d prompts compared in %.1fs", done, n, time.perf_counter() - t_start)
-    reused = clock.counts.get("llama_reused_positions", 0)
     return {
         "llama_positions_evaluated": sum(map(len, ll_ids_all)) - reused,
         "llama_positions_reused": reused,
